@@ -1,0 +1,3 @@
+"""Southbound protocol drivers. Importing the package registers every driver type."""
+
+from drivers import base  # noqa: F401

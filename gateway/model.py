@@ -1,0 +1,109 @@
+"""The few types that cross stages: drivers -> analytics/rules -> buffer -> upstream."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+    @property
+    def rank(self) -> int:
+        """Higher is worse; used to report the worst quality of an interval."""
+        return _QUALITY_RANK[self]
+
+
+_QUALITY_RANK = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
+
+Scalar = float | int | bool | str | None
+
+
+@dataclass(slots=True, frozen=True)
+class Sample:
+    """One scalar value of a tag (`device.tag`) or a feature (`analysis.feature`).
+
+    A bad-quality sample carries value None (or the last raw value for diagnosis,
+    never a made-up one); consumers must look at `quality` before using `value`.
+    """
+
+    source: str
+    value: Scalar
+    ts: float  # epoch seconds of the measurement (source timestamp when known)
+    quality: Quality = Quality.GOOD
+    unit: str | None = None
+
+    @property
+    def device(self) -> str:
+        return self.source.split(".", 1)[0]
+
+    @property
+    def tag(self) -> str:
+        return self.source.split(".", 1)[1]
+
+    @property
+    def good(self) -> bool:
+        return self.quality is Quality.GOOD
+
+
+@dataclass(slots=True, frozen=True)
+class Waveform:
+    """A contiguous block of samples of a waveform tag (e.g. an accelerometer)."""
+
+    source: str
+    samples: np.ndarray  # 1-D, float32 or float64
+    sample_rate: float  # Hz
+    ts: float  # epoch seconds of the first sample
+    unit: str | None = None
+    quality: Quality = Quality.GOOD
+
+    @property
+    def device(self) -> str:
+        return self.source.split(".", 1)[0]
+
+    @property
+    def tag(self) -> str:
+        return self.source.split(".", 1)[1]
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+# Forwarding priority: higher goes upstream first and is evicted last.
+PRIORITY = {"alarm": 2, "event": 1, "features": 0, "data": 0}
+
+
+@dataclass(slots=True)
+class Record:
+    """Something bound upstream. The buffer gives it `gateway`, `seq` and `ts`.
+
+    `topic` is relative to the upstream topic prefix, e.g. ``data/press1``.
+    """
+
+    topic: str
+    payload: dict[str, Any]
+    ts: float  # epoch seconds of the measurement, not of the send
+    kind: str = "data"  # data | features | alarm | event
+    retain: bool = False
+    priority: int = field(default=-1)
+
+    def __post_init__(self) -> None:
+        if self.priority < 0:
+            self.priority = PRIORITY.get(self.kind, 0)
+
+
+def iso_ts(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds and a Z, e.g. 2026-11-23T12:00:00.123Z."""
+    return (
+        _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )

@@ -1,0 +1,113 @@
+"""Building blocks of the typed configuration, shared by the core, drivers, rules and analytics.
+
+Kept apart from `gateway.config` (which assembles the root model from the registries) so that
+driver and rule modules can import them without an import cycle.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `10s`, `5m`, `1h`, `1d` or a bare number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 10s, 5m or 1h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError(f"invalid duration {value!r}: expected e.g. 500ms, 10s, 5m, 1h")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """`1GiB`, `500MB`, `64k` or a bare number of bytes -> bytes (int). KiB=1024, KB=1000."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 100MiB or 1GiB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+        if unit == "B":
+            return int(number)
+        base = 1024 if "I" in unit else 1000
+        power = "KMGT".index(unit[0]) + 1
+        return int(number * base**power)
+    raise ValueError(f"invalid size {value!r}: expected e.g. 64MiB, 1GiB, 500MB")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$", min_length=1, max_length=64)]
+
+
+class StrictModel(BaseModel):
+    """Every config model: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def read_secret(path: str | Path | None) -> str | None:
+    """Read a `*_file` secret; a trailing newline is not part of the secret."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+
+
+def tagged_union(models: list[type[BaseModel]], tag: str) -> Any:
+    """A pydantic discriminated union over registered models, keyed by the Literal field `tag`.
+
+    Registries (drivers, rules) add a model; nothing here needs an if-chain.
+    """
+    if not models:
+        raise RuntimeError(f"no models registered for {tag!r}")
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator=tag)]  # noqa: UP007
+
+
+class TlsConfig(StrictModel):
+    """TLS towards a broker. Any of these set means TLS; there is no fallback to plaintext."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False  # for a lab only: checks the chain but not the host name
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+
+class BrokerConfig(StrictModel):
+    """How to reach an MQTT broker: used by `upstream:` and by the `mqtt` driver."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Annotated[str, BeforeValidator(lambda v: str(v))] = Field("5", pattern=r"^(5|3\.1\.1)$")
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    password_file: Path | None = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    keepalive: Duration = 30.0
+    reconnect_min: Duration = 0.5
+    reconnect_max: Duration = 10.0
+
+    def resolved_password(self) -> str | None:
+        return self.password if self.password is not None else read_secret(self.password_file)
