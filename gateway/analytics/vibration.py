@@ -1,0 +1,512 @@
+"""Vibration features of acceleration windows: pure, vectorised NumPy/SciPy.
+
+Everything works on a 2-D array of windows (rows) so that windows of several tags which close
+together share one call (`compute_batch`); a single window is a batch of one.
+
+Cost model (why the design looks like this): the only O(n log n) step on the full window is one
+real FFT of the Hann-windowed samples. Spectrum peaks, band RMS, velocity RMS (integration as a
+division by (2*pi*f)^2 in the power spectrum, Parseval for the RMS) and the analytic signal of
+the envelope all reuse it. The analytic signal is built only from the bins inside
+`envelope_band`, shifted to baseband, so its inverse FFT and the envelope spectrum's FFT have
+length ~(band width + highest envelope frequency of interest)/df instead of n.
+
+Conventions that are part of the outside contract:
+* rms, peak, peak_to_peak, crest_factor, kurtosis, skewness use the raw samples, DC included.
+* kurtosis is Pearson's (Gaussian = 3), biased (scipy.stats.kurtosis(fisher=False));
+  skewness is scipy.stats.skew (biased).
+* spectrum amplitude is that of a sinusoid: Hann window, amplitude-corrected; a peak is refined
+  by Hann interpolation between the two largest bins, so an off-bin sine reads its amplitude too.
+* band RMS and velocity RMS come from the windowed power spectrum divided by the window's
+  energy (sum(w^2)), i.e. Parseval corrected for the equivalent noise bandwidth of Hann.
+* the envelope spectrum is that of the squared envelope (unit: input unit squared). The
+  windowed signal's squared envelope carries Hann^2, which then serves as the window of the
+  envelope spectrum; amplitudes are corrected by its coherent gain.
+* undefined values (crest factor or kurtosis of a constant window, a bearing line without a
+  shaft speed, SNR against a zero background) are None, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import scipy.fft as sfft
+
+G = 9.80665  # m/s^2 per g (standard gravity)
+
+# Acceleration units understood for velocity_rms; value: metres per second^2 per unit.
+ACCEL_UNITS: dict[str, float] = {
+    "g": G, "m/s2": 1.0, "m/s^2": 1.0, "m/s²": 1.0, "ms-2": 1.0, "m s-2": 1.0,
+    "mm/s2": 1e-3, "mm/s^2": 1e-3, "mm/s²": 1e-3,
+}
+
+SCALAR_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness", "velocity_rms")
+DEFECTS = ("bpfo", "bpfi", "bsf", "ftf")
+
+# Dominant-defect criterion (see `_dominant`).
+DOMINANT_MIN_SNR_DB = 6.0
+DOMINANT_MARGIN_DB = 3.0
+HARMONICS = 3
+
+
+def accel_scale(unit: str | None) -> float | None:
+    """m/s^2 per unit of the input, or None when the unit is not an acceleration we know."""
+    if unit is None:
+        return None
+    u = unit.strip()
+    return ACCEL_UNITS.get(u, ACCEL_UNITS.get(u.replace(" ", "").lower()))
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """What to compute, independent of window length and sample rate: hashable, so plans can be
+    cached and windows of different analyses with the same spec can be batched together."""
+
+    features: frozenset[str]
+    velocity_band: tuple[float, float] = (10.0, 1000.0)
+    peaks: int = 5
+    bands: tuple[tuple[float, float], ...] = ()
+    envelope_band: tuple[float, float] = (2000.0, 5000.0)
+    orders: tuple[tuple[str, float], ...] = ()
+    tolerance: float = 0.02
+    accel_scale: float | None = G  # m/s^2 per input unit; None: velocity_rms cannot be computed
+    envelope_max_hz: float = 1000.0  # highest envelope frequency examined when the speed varies
+    shaft_hz: float | None = None  # fixed shaft speed, lets the plan size the envelope FFT tightly
+
+    @classmethod
+    def from_config(cls, cfg: Any, unit: str | None) -> "FeatureSpec":
+        """Build from an `AnalysisConfig` and the unit of its input tag."""
+        b = cfg.bearing
+        return cls(
+            features=frozenset(cfg.features),
+            velocity_band=(float(cfg.velocity_band[0]), float(cfg.velocity_band[1])),
+            peaks=int(cfg.spectrum.peaks),
+            bands=tuple((float(lo), float(hi)) for lo, hi in cfg.spectrum.bands),
+            envelope_band=tuple(map(float, b.envelope_band)) if b else (2000.0, 5000.0),
+            orders=tuple((k, float(v)) for k, v in b.orders.items()) if b else (),
+            tolerance=float(b.tolerance) if b else 0.02,
+            accel_scale=accel_scale(unit),
+            envelope_max_hz=float(getattr(b, "envelope_max_hz", 1000.0) or 1000.0) if b else 1000.0,
+            shaft_hz=float(b.shaft_hz) if b and b.shaft_hz else None,
+        )
+
+    @property
+    def needs_fft(self) -> bool:
+        return bool(self.features & {"velocity_rms", "spectrum", "envelope"})
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything that depends only on (spec, n, fs): windows, weights, bin ranges."""
+
+    spec: FeatureSpec
+    n: int
+    fs: float
+    df: float
+    hann: np.ndarray
+    amp_scale: float  # |X| -> sinusoid amplitude
+    power_scale: float  # |X|^2 -> mean square, one-sided factor 2 kept in the weights
+    weights: np.ndarray | None  # (K, n_bands [+1 velocity]) power weights
+    band_count: int
+    # envelope
+    k1: int = 0
+    k2: int = 0
+    env_len: int = 0
+    env_bins: int = 0
+    env_w2: np.ndarray | None = None
+    env_w2_sum: float = 1.0
+    env_gain: float = 1.0
+    env_df: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def make_plan(spec: FeatureSpec, n: int, fs: float) -> Plan:
+    n = int(n)
+    fs = float(fs)
+    df = fs / n
+    # Periodic Hann: a sine on a bin reads exactly its amplitude (sum(w) = n/2).
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+    K = n // 2 + 1
+    freqs = np.arange(K) * df
+    one_sided = np.full(K, 2.0)
+    one_sided[0] = 0.0  # DC excluded by construction
+    if n % 2 == 0:
+        one_sided[-1] = 1.0
+    columns = []
+    for lo, hi in spec.bands:
+        columns.append(np.where((freqs >= lo) & (freqs <= hi), one_sided, 0.0))
+    band_count = len(columns)
+    if "velocity_rms" in spec.features and spec.accel_scale is not None:
+        lo, hi = spec.velocity_band
+        sel = (freqs >= max(lo, df)) & (freqs <= hi)
+        w = np.zeros(K)
+        # v = a / (j 2 pi f): power divides by (2 pi f)^2; m/s -> mm/s.
+        w[sel] = one_sided[sel] * (spec.accel_scale * 1000.0 / (2.0 * np.pi * freqs[sel])) ** 2
+        columns.append(w)
+    weights = np.ascontiguousarray(np.stack(columns, axis=1)) if columns else None
+    plan = Plan(
+        spec=spec, n=n, fs=fs, df=df, hann=hann,
+        amp_scale=2.0 / hann.sum(),
+        power_scale=1.0 / (n * float(np.dot(hann, hann))),
+        weights=weights, band_count=band_count,
+    )
+    if "envelope" in spec.features:
+        _plan_envelope(plan)
+    return plan
+
+
+def _plan_envelope(plan: Plan) -> None:
+    spec, n, fs, df = plan.spec, plan.n, plan.fs, plan.df
+    lo, hi = spec.envelope_band
+    k1 = max(1, int(math.ceil(lo / df)))
+    k2 = min(n // 2, int(math.floor(hi / df))) + 1
+    if k2 - k1 < 4:
+        raise ValueError(f"envelope_band {spec.envelope_band} Hz holds fewer than 4 bins at {fs} Hz / {n} samples")
+    if spec.shaft_hz:
+        top_order = max((o for _, o in spec.orders), default=1.0)
+        f_max = HARMONICS * top_order * spec.shaft_hz * (1 + spec.tolerance) * 1.3 + 10 * df
+    else:
+        f_max = spec.envelope_max_hz
+    env_bins = int(min(math.ceil(f_max / df) + 1, n // 2))
+    B = k2 - k1
+    # |a|^2 of a baseband signal with bins 0..B-1 spans -(B-1)..(B-1); on L points that wraps,
+    # and bins 0..env_bins stay clean as long as L >= B + env_bins.
+    L = sfft.next_fast_len(B + env_bins + 1, real=False)
+    w2 = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(L) / L)) ** 2  # Hann^2 at the envelope's times
+    plan.k1, plan.k2, plan.env_len, plan.env_bins = k1, k2, L, env_bins
+    plan.env_w2 = w2
+    plan.env_w2_sum = float(w2.sum())
+    plan.env_gain = (2.0 * L / n) ** 2  # ifft scaling of the baseband analytic signal, squared
+    plan.env_df = df
+
+
+class PlanCache:
+    """Plans per (spec, n, fs). Owned by an engine: no module-level mutable state."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[FeatureSpec, int, float], Plan] = {}
+
+    def get(self, spec: FeatureSpec, n: int, fs: float) -> Plan:
+        key = (spec, int(n), float(fs))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = make_plan(spec, n, fs)
+        return plan
+
+
+# --------------------------------------------------------------------------- time domain
+
+def time_features(X: np.ndarray) -> dict[str, np.ndarray]:
+    """rms, peak, peak_to_peak, crest_factor, kurtosis, skewness per row of X (m, n).
+
+    Central moments from one centred copy; dot products keep each moment a single pass.
+    """
+    X = np.atleast_2d(X)
+    n = X.shape[-1]
+    mx = X.max(axis=-1)
+    mn = X.min(axis=-1)
+    mean = X.mean(axis=-1)
+    d = X - mean[:, None]
+    d2 = d * d
+    m2 = _rowdot(d2, None) / n
+    m3 = _rowdot(d2, d) / n
+    m4 = _rowdot(d2, d2) / n
+    ms = m2 + mean * mean
+    rms = np.sqrt(ms)
+    peak = np.maximum(mx, -mn)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crest = np.where(rms > 0, peak / np.where(rms > 0, rms, 1.0), np.nan)
+        # A window with (numerically) no variance has no defined shape statistics.
+        defined = m2 > (np.finfo(np.float64).eps * np.maximum(ms, 1e-300)) * 16
+        safe = np.where(defined, m2, 1.0)
+        kurt = np.where(defined, m4 / (safe * safe), np.nan)
+        skew = np.where(defined, m3 / (safe * np.sqrt(safe)), np.nan)
+    return {"rms": rms, "peak": peak, "peak_to_peak": mx - mn, "crest_factor": crest,
+            "kurtosis": kurt, "skewness": skew, "mean": mean}
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """Row-wise sum(a*b) (sum(a) when b is None) without a temporary of the product."""
+    if b is None:
+        return a.sum(axis=-1)
+    return np.einsum("ij,ij->i", a, b)
+
+
+# --------------------------------------------------------------------------- spectrum
+
+def _power(S: np.ndarray) -> np.ndarray:
+    """|S|^2 of a complex array in one pass (abs() would take a square root first)."""
+    v = S.view(np.float64).reshape(*S.shape, 2)
+    return np.einsum("...k,...k->...", v, v)
+
+
+def _hann_refine(p0: np.ndarray, pl: np.ndarray, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offset (bins) and amplitude factor of a Hann-windowed sine from a peak bin's power p0 and
+    its neighbours' pl, pr. For Hann, |X[k+1]|/|X[k]| = (1+d)/(2-d) where d is the tone's offset."""
+    a0 = np.sqrt(p0)
+    right = pr >= pl
+    an = np.sqrt(np.where(right, pr, pl))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(a0 > 0, an / np.where(a0 > 0, a0, 1.0), 0.0)
+    d = np.clip((2.0 * ratio - 1.0) / (ratio + 1.0), 0.0, 0.5)
+    # Hann response at offset d (1 at d=0): sinc(d) / (1 - d^2)
+    gain = np.sinc(d) / (1.0 - d * d)
+    return np.where(right, d, -d), 1.0 / gain
+
+
+def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `count` largest local maxima of the power spectrum rows P (m, K) as (hz, amplitude),
+    each (m, count), NaN-padded when a row has fewer maxima."""
+    m, K = P.shape
+    if count <= 0 or K < 3:
+        return np.empty((m, 0)), np.empty((m, 0))
+    c = P[:, 1:-1]
+    is_max = (c > P[:, :-2]) & (c >= P[:, 2:])
+    cand = np.where(is_max, c, -1.0)
+    k = min(count, cand.shape[1])
+    top = np.argpartition(cand, -k, axis=-1)[:, -k:]
+    vals = np.take_along_axis(cand, top, axis=-1)
+    order = np.argsort(-vals, axis=-1)
+    top = np.take_along_axis(top, order, axis=-1)
+    vals = np.take_along_axis(vals, order, axis=-1)
+    bins = top + 1
+    pl = np.take_along_axis(P, bins - 1, axis=-1)
+    pr = np.take_along_axis(P, bins + 1, axis=-1)
+    offset, corr = _hann_refine(vals, pl, pr)
+    hz = (bins + offset) * plan.df
+    amp = np.sqrt(np.maximum(vals, 0.0)) * plan.amp_scale * corr
+    valid = vals >= 0
+    return np.where(valid, hz, np.nan), np.where(valid, amp, np.nan)
+
+
+# --------------------------------------------------------------------------- envelope
+
+def envelope_spectrum(S: np.ndarray, plan: Plan, workers: int | None = None) -> np.ndarray:
+    """Amplitude spectrum of the squared envelope, bins 0..env_bins at resolution plan.df,
+    from the rfft S (m, K) of the Hann-windowed signal."""
+    m = S.shape[0]
+    L, k1, k2 = plan.env_len, plan.k1, plan.k2
+    Y = np.zeros((m, L), dtype=np.complex128)
+    # Band-pass (bins outside the band dropped) + analytic signal (negative frequencies dropped)
+    # + shift to baseband, all in one slice copy; the x2 of the analytic signal is in env_gain.
+    Y[:, : k2 - k1] = S[:, k1:k2]
+    a = sfft.ifft(Y, axis=-1, overwrite_x=True, workers=workers)
+    e = _power(a)
+    e *= plan.env_gain
+    # Remove the (window-weighted) mean: e carries Hann^2, so the DC to remove is c * Hann^2.
+    c = e.sum(axis=-1) / plan.env_w2_sum
+    e -= c[:, None] * plan.env_w2
+    E = sfft.rfft(e, axis=-1, overwrite_x=True, workers=workers)[:, : plan.env_bins + 1]
+    amp = np.sqrt(_power(E))
+    amp *= 2.0 / plan.env_w2_sum
+    return amp
+
+
+def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str, Any]:
+    """Defect lines in envelope spectra env (m, B) for each row's shaft speed (m,), NaN = unknown.
+
+    For every defect order and harmonic h = 1..HARMONICS: the largest bin within
+    +-tolerance (at least +-1 bin) of h*order*shaft_hz; its SNR against the median of the
+    envelope spectrum within +-max(25 %, 10 bins) of the line, the search region excluded.
+    A line that is not found (no local maximum close enough) reports the level at the expected
+    frequency's nearest bin, so its SNR stays meaningful (and low).
+    Returns arrays hz, amplitude, snr_db, found of shape (m, defects, HARMONICS), and the names.
+    """
+    spec = plan.spec
+    names = [d for d, _ in spec.orders]
+    orders = np.array([o for _, o in spec.orders], dtype=np.float64)
+    m, B = env.shape
+    df = plan.env_df
+    harm = np.arange(1, HARMONICS + 1, dtype=np.float64)
+    target = shaft_hz[:, None, None] * orders[None, :, None] * harm[None, None, :]  # (m, D, H)
+    known = np.isfinite(target) & (target > 0)
+    t = np.where(known, target, 0.0) / df  # in bins
+    half = np.maximum(t * spec.tolerance, 1.0)
+    lo = np.floor(t - half).astype(np.int64)
+    hi = np.ceil(t + half).astype(np.int64)  # inclusive
+    inside = known & (lo >= 1) & (hi <= B - 1)
+    lo = np.clip(lo, 1, B - 1)
+    hi = np.clip(hi, lo, B - 1)
+    width = int((hi - lo).max(initial=0)) + 1
+    idx = lo[..., None] + np.arange(width)
+    valid = idx <= hi[..., None]
+    idx = np.minimum(idx, hi[..., None])
+    rows = np.arange(m)[:, None, None, None]
+    vals = np.where(valid, env[rows, idx], -1.0)
+    j = np.take_along_axis(idx, vals.argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    # A line counts only if it is a local maximum whose interpolated frequency lies within the
+    # tolerance (+ half a bin): with coarse resolution the +-1 bin search would otherwise pick
+    # up the flank of a neighbouring line (e.g. 4x shaft speed next to BPFO at 4096/48 kHz).
+    r3 = rows[..., 0]
+    a0 = env[r3, j]
+    al = env[r3, np.maximum(j - 1, 0)]
+    ar = env[r3, np.minimum(j + 1, B - 1)]
+    tiny = np.finfo(np.float64).tiny
+    l0, ll, lr = np.log(a0 + tiny), np.log(al + tiny), np.log(ar + tiny)
+    curv = ll - 2.0 * l0 + lr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        delta = np.where(curv < 0, 0.5 * (ll - lr) / np.where(curv < 0, curv, -1.0), 0.0)
+    delta = np.clip(delta, -0.5, 0.5)
+    peak_amp = np.exp(l0 - 0.25 * (ll - lr) * delta)
+    peak_hz = (j + delta) * df
+    found = (a0 >= al) & (a0 >= ar) & (np.abs(peak_hz - np.where(known, target, 0.0))
+                                        <= spec.tolerance * np.where(known, target, 0.0) + 0.5 * df)
+    nearest = np.clip(np.rint(t).astype(np.int64), 1, B - 1)
+    amp = np.where(found, peak_amp, env[r3, nearest])
+    hz = np.where(found, peak_hz, nearest * df)
+
+    # Background: median over a neighbourhood, line region excluded; padding sorted to the end.
+    bg_half = np.maximum(np.ceil(0.25 * t), 10.0).astype(np.int64)
+    blo = np.clip(np.floor(t).astype(np.int64) - bg_half, 1, B - 1)
+    bhi = np.clip(np.ceil(t).astype(np.int64) + bg_half, 1, B - 1)
+    bwidth = int((bhi - blo).max(initial=0)) + 1
+    bidx = blo[..., None] + np.arange(bwidth)
+    bvalid = (bidx <= bhi[..., None]) & ((bidx < lo[..., None]) | (bidx > hi[..., None]))
+    bidx = np.minimum(bidx, B - 1)
+    bvals = np.where(bvalid, env[rows, bidx], np.inf)
+    bvals.sort(axis=-1)
+    count = bvalid.sum(axis=-1)
+    i_lo = np.maximum((count - 1) // 2, 0)
+    i_hi = np.maximum(count // 2, 0)
+    med = 0.5 * (np.take_along_axis(bvals, i_lo[..., None], -1)[..., 0]
+                 + np.take_along_axis(bvals, i_hi[..., None], -1)[..., 0])
+    ok = inside & (count > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = 20.0 * np.log10(amp / med)
+    snr = np.where(ok & (med > 0) & (amp > 0) & np.isfinite(med), snr, np.nan)
+    return {
+        "names": names,
+        "expected_hz": np.where(known, target, np.nan),
+        "hz": np.where(ok, hz, np.nan),
+        "found": ok & found,
+        "amplitude": np.where(ok, amp, np.nan),
+        "snr_db": snr,
+    }
+
+
+def dominant_defect(snr: np.ndarray, names: list[str]) -> list[str | None]:
+    """The defect that clearly stands out, per row of snr (m, D, H) in dB (NaN = unknown).
+
+    A defect qualifies when its fundamental and each of its harmonics 2x..Hx that lie inside
+    the envelope spectrum (at least one must) are DOMINANT_MIN_SNR_DB above background: a real
+    defect repeats at its harmonics, a coincidental line or the noise maximum in a search
+    region does not. Score = fundamental SNR + half of each positive harmonic SNR. The
+    best-scoring defect is dominant when it qualifies and its score beats every other defect's
+    by DOMINANT_MARGIN_DB; otherwise None.
+
+    Checked on CWRU (see tests/analytics/test_cwru.py): names bpfi for 105/109, bpfo for
+    130/135 in every window of 4096, 16384 and 65536 samples (109 at 4096: all but one), and
+    nothing for the 97 baseline; a requirement of the fundamental alone let the noise maximum
+    in the 2 % search region or 4x shaft speed next to BPFO pass on the baseline.
+    """
+    m = snr.shape[0]
+    if snr.size == 0:
+        return [None] * m
+    fund = np.nan_to_num(snr[..., 0], nan=-np.inf)
+    harm = snr[..., 1:]
+    available = np.isfinite(harm)
+    harm_ok = np.where(available, harm >= DOMINANT_MIN_SNR_DB, True).all(axis=-1) & available.any(axis=-1)
+    qualifies = (fund >= DOMINANT_MIN_SNR_DB) & harm_ok
+    score = fund + 0.5 * np.clip(np.nan_to_num(harm, nan=0.0), 0.0, None).sum(axis=-1)
+    best = np.argmax(score, axis=-1)
+    rows = np.arange(m)
+    b_score = score[rows, best]
+    runner_up = np.where(np.arange(score.shape[1])[None, :] == best[:, None], -np.inf, score).max(axis=-1)
+    ok = qualifies[rows, best] & (b_score - runner_up >= DOMINANT_MARGIN_DB)
+    return [names[best[r]] if ok[r] else None for r in range(m)]
+
+
+# --------------------------------------------------------------------------- all features
+
+def compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Iterable[float | None] | float | None = None,
+                  workers: int | None = None) -> list[dict[str, Any]]:
+    """All features of `plan.spec` for each row of X (m, n); one JSON-ready dict per row.
+
+    `shaft_hz`: one value for all rows or one per row (None/NaN: unknown speed, bearing lines
+    are None). Rows must share the plan's length and sample rate.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    m, n = X.shape
+    if n != plan.n:
+        raise ValueError(f"window of {n} samples does not match the plan's {plan.n}")
+    spec = plan.spec
+    feats = spec.features
+    out: list[dict[str, Any]] = [{} for _ in range(m)]
+
+    td = time_features(X)
+    for name in ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness"):
+        if name in feats:
+            vals = td[name].tolist()
+            for r in range(m):
+                out[r][name] = _clean(vals[r])
+
+    if not spec.needs_fft:
+        return out
+
+    S = sfft.rfft(X * plan.hann, axis=-1, workers=workers)
+    P = _power(S)
+
+    if plan.weights is not None:
+        acc = (P @ plan.weights) * plan.power_scale  # (m, bands [+ velocity]) mean squares
+        rms_cols = np.sqrt(np.maximum(acc, 0.0))
+        if "velocity_rms" in feats:
+            vel = rms_cols[:, plan.band_count].tolist() if spec.accel_scale is not None else [None] * m
+            for r in range(m):
+                out[r]["velocity_rms"] = _clean(vel[r])
+    elif "velocity_rms" in feats:
+        for r in range(m):
+            out[r]["velocity_rms"] = None
+
+    if "spectrum" in feats:
+        hz, amp = spectrum_peaks(P, plan, spec.peaks)
+        hz_l, amp_l = hz.tolist(), amp.tolist()
+        bands = rms_cols[:, : plan.band_count].tolist() if plan.band_count else [[] for _ in range(m)]
+        for r in range(m):
+            out[r]["spectrum"] = {
+                "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in zip(hz_l[r], amp_l[r])
+                          if math.isfinite(h)],
+                "bands": [{"low": lo, "high": hi, "rms": v} for (lo, hi), v in zip(spec.bands, bands[r])],
+                "resolution_hz": plan.df,
+            }
+
+    if "envelope" in feats:
+        if isinstance(shaft_hz, (int, float)) or shaft_hz is None:
+            speeds = np.full(m, np.nan if shaft_hz is None else float(shaft_hz))
+        else:
+            speeds = np.array([np.nan if v is None else float(v) for v in shaft_hz], dtype=np.float64)
+        env = envelope_spectrum(S, plan, workers=workers)
+        lines = bearing_lines(env, plan, speeds)
+        dom = dominant_defect(lines["snr_db"], lines["names"])
+        hz_l = lines["hz"].tolist()
+        amp_l = lines["amplitude"].tolist()
+        snr_l = lines["snr_db"].tolist()
+        for r in range(m):
+            bearing: dict[str, Any] = {"shaft_hz": _clean(speeds[r].item())}
+            for d, name in enumerate(lines["names"]):
+                bearing[name] = {
+                    "hz": _clean(hz_l[r][d][0]),
+                    "amplitude": _clean(amp_l[r][d][0]),
+                    "snr_db": _clean(snr_l[r][d][0]),
+                    "harmonics_snr_db": [_clean(v) for v in snr_l[r][d]],
+                }
+            bearing["dominant"] = dom[r]
+            out[r]["bearing"] = bearing
+    return out
+
+
+def compute(x: np.ndarray, plan: Plan, shaft_hz: float | None = None,
+            workers: int | None = None) -> dict[str, Any]:
+    """Features of one window (see compute_batch)."""
+    return compute_batch(np.asarray(x, dtype=np.float64)[None, :], plan, shaft_hz, workers)[0]
+
+
+def _clean(v: Any) -> float | None:
+    """A plain float for JSON, None for NaN/inf."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
