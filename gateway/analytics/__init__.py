@@ -1,0 +1,14 @@
+"""Vibration analytics and tag summaries at the edge (pure NumPy/SciPy, no I/O).
+
+The core uses `AnalyticsEngine`; the building blocks are importable for tests and benchmarks.
+"""
+
+from gateway.analytics.engine import AnalyticsEngine
+from gateway.analytics.summary import Summaries, TagStats
+from gateway.analytics.vibration import FeatureSpec, Plan, PlanCache, compute, compute_batch, make_plan
+from gateway.analytics.window import Window, WindowAssembler
+
+__all__ = [
+    "AnalyticsEngine", "FeatureSpec", "Plan", "PlanCache", "Summaries", "TagStats", "Window",
+    "WindowAssembler", "compute", "compute_batch", "make_plan",
+]

@@ -35,6 +35,9 @@ class BearingConfig(StrictModel):
     )
     envelope_band: Band = (2000.0, 5000.0)
     tolerance: float = Field(0.02, gt=0, lt=0.5)  # relative search tolerance around each defect line
+    # Highest envelope frequency examined when the speed comes from shaft_tag (with shaft_hz the
+    # range follows from the orders: 3 harmonics of the highest one).
+    envelope_max_hz: float = Field(1000.0, gt=0)
 
     @model_validator(mode="after")
     def _speed_source(self) -> "BearingConfig":

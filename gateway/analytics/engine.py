@@ -1,0 +1,169 @@
+"""The analytics stage: waveform blocks -> feature records and rule inputs; scalar samples ->
+per-device summaries. No I/O and no clock of its own: the core feeds it and asks it to flush."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.analytics.summary import Summaries
+from gateway.analytics.vibration import (
+    DEFECTS, FeatureSpec, PlanCache, accel_scale, compute_batch,
+)
+from gateway.analytics.window import Window, WindowAssembler
+from gateway.model import Quality, Record, Sample, Waveform, iso_ts
+
+_TIME_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness")
+
+
+@dataclass(slots=True)
+class _Stream:
+    cfg: AnalysisConfig
+    assembler: WindowAssembler
+    unit: str | None
+    spec: FeatureSpec | None = None
+    spec_unit: str | None = None
+
+    def spec_for(self, unit: str | None) -> FeatureSpec:
+        if self.spec is None or unit != self.spec_unit:
+            self.spec = FeatureSpec.from_config(self.cfg, unit)
+            self.spec_unit = unit
+        return self.spec
+
+
+class AnalyticsEngine:
+    """See the module docstring. `jitter_s`: timestamp jitter of waveform blocks tolerated
+    before a gap starts a new window (WindowAssembler); `workers`: scipy.fft workers."""
+
+    def __init__(self, analyses: list[AnalysisConfig], summaries: SummariesConfig,
+                 units: dict[str, str | None], *, jitter_s: float = 0.01,
+                 workers: int | None = None) -> None:
+        self._units = dict(units)
+        self._workers = workers
+        self._plans = PlanCache()
+        self._streams: dict[str, list[_Stream]] = defaultdict(list)
+        self._speed_tags: dict[str, str] = {}  # shaft_tag -> "rpm" | "hz"
+        self._speeds: dict[str, float] = {}  # shaft_tag -> latest good speed in Hz
+        self.analyses = list(analyses)
+        for cfg in self.analyses:
+            self._streams[cfg.input].append(_Stream(
+                cfg=cfg, assembler=WindowAssembler(cfg.window, cfg.overlap, jitter_s),
+                unit=self._units.get(cfg.input)))
+            if cfg.bearing is not None and cfg.bearing.shaft_tag:
+                self._speed_tags[cfg.bearing.shaft_tag] = cfg.bearing.shaft_tag_unit
+        self._summaries = Summaries(summaries.interval, self._units)
+
+    # ------------------------------------------------------------------ config help
+
+    def feature_names(self, analysis: AnalysisConfig) -> list[str]:
+        """Rule inputs (`analysis.feature`) that `on_waveform` emits as Samples for `analysis`."""
+        names = [f for f in (*_TIME_FEATURES, "velocity_rms") if f in analysis.features]
+        if "envelope" in analysis.features and analysis.bearing is not None:
+            for d in analysis.bearing.orders:
+                names += [f"bearing.{d}", f"bearing.{d}.snr_db"]
+        return [f"{analysis.name}.{n}" for n in names]
+
+    def problems(self) -> list[str]:
+        """Config problems only visible with the tag units (for check-config)."""
+        out = []
+        for streams in self._streams.values():
+            for st in streams:
+                if "velocity_rms" in st.cfg.features and accel_scale(st.unit) is None:
+                    out.append(f"analyses.{st.cfg.name}: velocity_rms needs the unit of "
+                               f"{st.cfg.input} to be g or m/s2 (is {st.unit!r})")
+        return out
+
+    # ------------------------------------------------------------------ scalar samples
+
+    def on_sample(self, s: Sample) -> None:
+        unit = self._speed_tags.get(s.source)
+        if unit is not None and s.quality is Quality.GOOD and isinstance(s.value, (int, float)) \
+                and not isinstance(s.value, bool) and math.isfinite(s.value) and s.value > 0:
+            self._speeds[s.source] = float(s.value) / 60.0 if unit == "rpm" else float(s.value)
+        self._summaries.add(s)
+
+    def flush_summaries(self, now: float) -> list[Record]:
+        return self._summaries.flush(now)
+
+    # ------------------------------------------------------------------ waveforms
+
+    def on_waveform(self, w: Waveform) -> tuple[list[Record], list[Sample]]:
+        return self.on_waveforms([w])
+
+    def on_waveforms(self, blocks: Iterable[Waveform]) -> tuple[list[Record], list[Sample]]:
+        """Several blocks at once (e.g. whatever the queue holds): windows of different tags
+        that share window length, sample rate and feature spec are computed in one batch."""
+        done: list[tuple[_Stream, Window, str | None]] = []
+        for w in blocks:
+            for st in self._streams.get(w.source, ()):
+                unit = st.unit if st.unit is not None else w.unit
+                for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality):
+                    done.append((st, win, unit))
+        if not done:
+            return [], []
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (st, win, unit) in enumerate(done):
+            groups[(st.spec_for(unit), len(win.samples), win.sample_rate)].append(i)
+        results: list[dict[str, Any] | None] = [None] * len(done)
+        for (spec, n, fs), idx in groups.items():
+            plan = self._plans.get(spec, n, fs)
+            X = np.stack([done[i][1].samples for i in idx]) if len(idx) > 1 else done[idx[0]][1].samples[None, :]
+            speeds = [self._shaft_hz(done[i][0].cfg) for i in idx]
+            for i, feats in zip(idx, compute_batch(X, plan, speeds, self._workers)):
+                results[i] = feats
+        records: list[Record] = []
+        samples: list[Sample] = []
+        for (st, win, unit), feats in zip(done, results):
+            rec, smp = self._outputs(st.cfg, win, unit, feats or {})
+            records.append(rec)
+            samples.extend(smp)
+        return records, samples
+
+    def _shaft_hz(self, cfg: AnalysisConfig) -> float | None:
+        b = cfg.bearing
+        if b is None:
+            return None
+        if b.shaft_hz:
+            return float(b.shaft_hz)
+        return self._speeds.get(b.shaft_tag or "")
+
+    def _outputs(self, cfg: AnalysisConfig, win: Window, unit: str | None,
+                 feats: dict[str, Any]) -> tuple[Record, list[Sample]]:
+        payload: dict[str, Any] = {
+            "analysis": cfg.name,
+            "input": cfg.input,
+            "unit": unit,
+            "quality": win.quality.value,
+            "samples": len(win.samples),
+            "sample_rate": float(win.sample_rate),
+            "window_start": iso_ts(win.ts),
+            "duration_s": len(win.samples) / float(win.sample_rate),
+            **feats,
+        }
+        record = Record(topic=f"features/{cfg.name}", payload=payload, ts=win.ts, kind="features")
+        units = {"rms": unit, "peak": unit, "peak_to_peak": unit, "velocity_rms": "mm/s"}
+        samples = []
+        for name in (*_TIME_FEATURES, "velocity_rms"):
+            if name in feats:
+                samples.append(self._sample(f"{cfg.name}.{name}", feats[name], win, units.get(name)))
+        bearing = feats.get("bearing")
+        if bearing:
+            sq = f"{unit}^2" if unit else None
+            for d in DEFECTS:
+                line = bearing.get(d)
+                if line is not None:
+                    samples.append(self._sample(f"{cfg.name}.bearing.{d}", line["amplitude"], win, sq))
+                    samples.append(self._sample(f"{cfg.name}.bearing.{d}.snr_db", line["snr_db"], win, "dB"))
+        return record, samples
+
+    @staticmethod
+    def _sample(source: str, value: float | None, win: Window, unit: str | None) -> Sample:
+        # An undefined feature (e.g. kurtosis of a flat window, no shaft speed yet) is a value
+        # rules must not use: None with bad quality, never a made-up number.
+        quality = Quality.BAD if value is None else win.quality
+        return Sample(source=source, value=value, ts=win.ts, quality=quality, unit=unit)
