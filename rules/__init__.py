@@ -1,3 +1,12 @@
-"""Alarm and event rules evaluated at the edge. Importing the package registers every rule type."""
+"""Alarm and event rules evaluated at the edge. Importing the package registers every rule type.
+
+The core builds the discriminated union of rule configs from `rules.base.REGISTRY` and runs
+them all through one `RuleEngine` (see `rules/engine.py` and `rules/README.md`).
+"""
 
 from rules import base  # noqa: F401
+from rules import threshold  # noqa: F401  (each import registers its rule type)
+from rules.base import REGISTRY, RuleConfig
+from rules.engine import RuleEngine
+
+__all__ = ["REGISTRY", "RuleConfig", "RuleEngine"]
