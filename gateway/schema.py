@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -75,7 +75,10 @@ def tagged_union(models: list[type[BaseModel]], tag: str) -> Any:
     Registries (drivers, rules) add a model; nothing here needs an if-chain.
     """
     if not models:
-        raise RuntimeError(f"no models registered for {tag!r}")
+        def _none(value: Any) -> Any:
+            raise ValueError(f"no {tag} types are installed")
+
+        return Annotated[dict, AfterValidator(_none)]
     if len(models) == 1:
         return models[0]
     return Annotated[Union[tuple(models)], Field(discriminator=tag)]  # noqa: UP007

@@ -245,9 +245,9 @@ def _power(S: np.ndarray) -> np.ndarray:
 def _hann_refine(p0: np.ndarray, pl: np.ndarray, pr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Offset (bins) and amplitude factor of a Hann-windowed sine from a peak bin's power p0 and
     its neighbours' pl, pr. For Hann, |X[k+1]|/|X[k]| = (1+d)/(2-d) where d is the tone's offset."""
-    a0 = np.sqrt(p0)
+    a0 = np.sqrt(np.maximum(p0, 0.0))
     right = pr >= pl
-    an = np.sqrt(np.where(right, pr, pl))
+    an = np.sqrt(np.maximum(np.where(right, pr, pl), 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(a0 > 0, an / np.where(a0 > 0, a0, 1.0), 0.0)
     d = np.clip((2.0 * ratio - 1.0) / (ratio + 1.0), 0.0, 0.5)
@@ -414,7 +414,8 @@ def dominant_defect(snr: np.ndarray, names: list[str]) -> list[str | None]:
     rows = np.arange(m)
     b_score = score[rows, best]
     runner_up = np.where(np.arange(score.shape[1])[None, :] == best[:, None], -np.inf, score).max(axis=-1)
-    ok = qualifies[rows, best] & (b_score - runner_up >= DOMINANT_MARGIN_DB)
+    with np.errstate(invalid="ignore"):  # -inf - -inf when no defect has a known line
+        ok = qualifies[rows, best] & (b_score - runner_up >= DOMINANT_MARGIN_DB)
     return [names[best[r]] if ok[r] else None for r in range(m)]
 
 

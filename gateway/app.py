@@ -1,0 +1,309 @@
+"""Wiring: drivers -> analytics -> rules -> buffer -> upstream, signals, reload, health.
+
+`App` owns the buffer and the process lifetime (signals, sd_notify). A `Pipeline` is one
+configuration at work: its TaskGroup owns the drivers, the processing loop, the timers and the
+upstream link. A reload builds a new Pipeline from a validated configuration and retires the old
+one; the buffer (and what it holds) stays open across it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from typing import Any
+
+import drivers.base as driver_registry
+from gateway import __version__, config as config_mod, logs
+from gateway.analytics import AnalyticsEngine
+from gateway.buffer import Buffer
+from gateway.config import GatewayConfig
+from gateway.health import DeviceHealth, Notifier
+from gateway.model import Record, Sample, Waveform, iso_ts
+from gateway.upstream import Upstream
+from rules.engine import RuleEngine
+
+log = logs.get("gateway.app")
+
+QUEUE_SIZE = 10_000  # samples and waveform blocks between drivers and processing
+TICK = 0.5  # seconds between rule ticks (for/clear_for/stale timing resolution)
+
+
+class Pipeline:
+    def __init__(self, cfg: GatewayConfig, buffer: Buffer, *, started_at: float, app: "App") -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.app = app
+        self.started_at = started_at
+        self.queue: asyncio.Queue[Sample | Waveform] = asyncio.Queue(QUEUE_SIZE)
+        self.analytics = AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units())
+        self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
+        self.drivers = [driver_registry.create(d) for d in cfg.devices if d.enabled]
+        self.upstream = Upstream(
+            cfg.upstream, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix,
+            client_id=cfg.client_id, started_at=started_at,
+            on_connected=self._republish_alarms, on_command=app.command,
+        )
+        self._stop = asyncio.Event()
+        self._acked_at_last_health = (time.monotonic(), 0)
+
+    @property
+    def device_health(self) -> dict[str, DeviceHealth]:
+        return {d.config.name: d.health for d in self.drivers}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ----- writing to the buffer -----
+
+    def _store(self, records: list[Record]) -> None:
+        state = self.rules.take_state()
+        if records or state:
+            self.buffer.append(records, state=state)
+            self.upstream.wake()
+
+    def _republish_alarms(self) -> None:
+        """After each connect the broker gets the last state of every alarm again."""
+        self._store(self.rules.retained())
+
+    def rebirth(self) -> int:
+        records = self.rules.retained()
+        self._store(records)
+        return len(records)
+
+    # ----- tasks -----
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            # Outputs first, inputs last (and the reverse on the way out).
+            upstream = tg.create_task(self.upstream.run(), name="upstream.loop")
+            process = tg.create_task(self._process(), name="pipeline.process")
+            timers = [
+                tg.create_task(self._tick_loop(), name="rules.tick"),
+                tg.create_task(self._summary_loop(), name="analytics.summaries"),
+                tg.create_task(self._health_loop(), name="health.loop"),
+            ]
+            inputs = [tg.create_task(self._supervise(d), name=f"driver.{d.config.name}") for d in self.drivers]
+            await self._stop.wait()
+            for task in inputs:
+                task.cancel()
+            await asyncio.gather(*inputs, return_exceptions=True)
+            await self.queue.put(_DRAINED)  # processing handles everything queued before this
+            await process
+            for task in timers:
+                task.cancel()
+            self._store(self.analytics.flush_summaries(time.time()))
+            self.upstream.stop()
+            await upstream
+
+    async def _supervise(self, driver) -> None:
+        """A driver should never return or raise; if it does, it is restarted, never the daemon."""
+        attempt = 0
+        while True:
+            try:
+                await driver.run(self.queue.put)
+                log.error("driver.returned", device=driver.config.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad driver must not stop the others
+                driver.health.error(exc, disconnected=True)
+                log.exception("driver.crashed", device=driver.config.name)
+            attempt += 1
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(30.0, 2 ** min(attempt, 5)))
+
+    async def _process(self) -> None:
+        while True:
+            item = await self.queue.get()
+            batch = [item]
+            while len(batch) < 1000 and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            records: list[Record] = []
+            done = False
+            for item in batch:
+                if item is _DRAINED:
+                    done = True
+                    continue
+                try:
+                    records.extend(self._handle(item))
+                except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
+                    log.exception("pipeline.item_failed", source=getattr(item, "source", None))
+            self._store(records)
+            if done:
+                return
+
+    def _handle(self, item: Sample | Waveform) -> list[Record]:
+        if isinstance(item, Waveform):
+            records, features = self.analytics.on_waveform(item)
+            for f in features:
+                records.extend(self.rules.on_sample(f))
+            return records
+        self.analytics.on_sample(item)
+        return self.rules.on_sample(item)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._store(self.rules.tick())
+
+    async def _summary_loop(self) -> None:
+        interval = self.cfg.summaries.interval
+        while True:
+            # Align to the wall clock so that intervals of several gateways line up.
+            await asyncio.sleep(interval - (time.time() % interval))
+            records = self.analytics.flush_summaries(time.time())
+            for r in records:
+                extra = self.rules.summary_fields(r.payload.get("device", r.topic.rsplit("/", 1)[-1]))
+                r.payload.update(extra)
+            self._store(records)
+
+    async def _health_loop(self) -> None:
+        while True:
+            payload = self.health_payload()
+            self.upstream.publish_direct("health", payload)
+            self.app.notifier.status(
+                f"upstream {'connected' if self.upstream.connected else 'DISCONNECTED'}, "
+                f"buffer {payload['buffer']['depth']} rows, {len(self.drivers)} devices"
+            )
+            await asyncio.sleep(self.cfg.upstream.health_interval)
+
+    def health_payload(self) -> dict[str, Any]:
+        now = time.time()
+        mono = time.monotonic()
+        then, acked_then = self._acked_at_last_health
+        rate = (self.upstream.published - acked_then) / max(mono - then, 1e-3)
+        self._acked_at_last_health = (mono, self.upstream.published)
+        oldest = self.buffer.oldest_ts()
+        return {
+            "gateway": self.cfg.gateway.id,
+            "ts": iso_ts(now),
+            "version": __version__,
+            "uptime_s": round(now - self.started_at, 3),
+            "devices": {name: h.to_dict() for name, h in self.device_health.items()},
+            "buffer": {
+                "depth": self.buffer.depth,
+                "bytes": self.buffer.bytes,
+                "max_bytes": self.buffer.max_bytes,
+                "oldest_ts": iso_ts(oldest) if oldest else None,
+                "oldest_age_s": round(now - oldest, 3) if oldest else None,
+                "refused": self.buffer.refused_count(),
+            },
+            "dropped": self.buffer.dropped_total,
+            "upstream": {
+                "connected": self.upstream.connected,
+                "published": self.upstream.published,
+                "refused": self.upstream.refused,
+                "publish_rate": round(rate, 2),
+                "connects": self.upstream.connects,
+                "last_error": self.upstream.last_error,
+            },
+            "queue": self.queue.qsize(),
+            "rules": self.rules.health(),
+        }
+
+
+_DRAINED: Any = object()
+
+
+class App:
+    def __init__(self, cfg: GatewayConfig, config_path: str, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.started_at = time.time()
+        self.pipeline: Pipeline | None = None
+        self._stopping = asyncio.Event()
+        self._pending: GatewayConfig | None = None
+        self._reload = asyncio.Event()
+
+    # ----- signals and commands -----
+
+    def request_stop(self) -> None:
+        if not self._stopping.is_set():
+            log.info("gateway.stopping")
+            self.notifier.stopping()
+        self._stopping.set()
+
+    def request_reload(self) -> list[str]:
+        """Validate the file now; switch only when it is valid. Returns the problems, if any."""
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            log.error("config.reload_rejected", file=self.config_path, problems=exc.problems,
+                      hint="the previous configuration keeps running")
+            self.notifier.ready("reload rejected: configuration invalid, previous one still running")
+            return exc.problems
+        self._pending = new
+        self._reload.set()
+        return []
+
+    async def command(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        if name == "ping":
+            return {"ok": True, "pong": True, "uptime_s": round(time.time() - self.started_at, 3), "version": __version__}
+        if name == "reload":
+            problems = self.request_reload()
+            return {"ok": not problems, "error": "\n".join(problems) if problems else None}
+        if name == "rebirth":
+            n = self.pipeline.rebirth() if self.pipeline else 0
+            return {"ok": True, "alarms": n}
+        return {"ok": False, "error": f"unknown command {name!r} (known: ping, reload, rebirth)"}
+
+    # ----- lifetime -----
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        buffer = Buffer(self.cfg.buffer_path, self.cfg.gateway.id, max_bytes=self.cfg.buffer.max_bytes,
+                        durability=self.cfg.buffer.durability)
+        log.info("gateway.started", gateway=self.cfg.gateway.id, version=__version__, config=self.config_path,
+                 buffer=str(buffer.path), backlog=buffer.depth, next_seq=buffer.next_seq)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watchdog = (tg.create_task(self._watchdog(), name="systemd.watchdog")
+                            if self.notifier.watchdog_interval else None)
+                while not self._stopping.is_set():
+                    self.pipeline = Pipeline(self.cfg, buffer, started_at=self.started_at, app=self)
+                    running = tg.create_task(self.pipeline.run(), name="pipeline.run")
+                    self.notifier.ready(f"running {len(self.cfg.devices)} devices")
+                    await _first(self._stopping.wait(), self._reload.wait(), running)
+                    self.pipeline.stop()
+                    await running
+                    if self._reload.is_set() and not self._stopping.is_set():
+                        self._reload.clear()
+                        old, self.cfg = self.cfg, self._pending or self.cfg
+                        if old.buffer != self.cfg.buffer or old.gateway.state_dir != self.cfg.gateway.state_dir:
+                            log.warning("config.reload_partial", hint="buffer settings change at the next restart")
+                        log.info("config.reloaded", file=self.config_path, devices=len(self.cfg.devices),
+                                 rules=len(self.cfg.rules), analyses=len(self.cfg.analyses))
+                    elif running.done() and not self._stopping.is_set():
+                        break
+                if watchdog is not None:
+                    watchdog.cancel()
+        finally:
+            buffer.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            log.info("gateway.stopped", gateway=self.cfg.gateway.id)
+        return 0
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval or 1.0
+        while not self._stopping.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=interval)
+
+
+async def _first(*aws) -> None:
+    """Wait until the first of several awaitables finishes; cancel the helper tasks made here."""
+    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
+    made = [t for t, a in zip(tasks, aws) if t is not a]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in made:
+            t.cancel()

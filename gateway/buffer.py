@@ -1,0 +1,369 @@
+"""The store-and-forward outbox: everything bound upstream is written here first.
+
+One SQLite file in WAL mode. A record gets its `seq` when it is written (seq is the row key,
+persisted, never reused, not even after the file had to be replaced). A row leaves only when
+the broker acknowledged it (`ack`). When `max_bytes` is reached the oldest rows of the lowest
+priority go first (data, then events, alarms last) and every eviction is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gateway import logs
+from gateway.model import Record, iso_ts
+
+log = logs.get("gateway.buffer")
+
+ROW_OVERHEAD = 48  # bytes per row beyond topic and payload (key, index entry, columns), roughly
+SEQ_RESERVE = 100_000  # seq numbers reserved in the side file at a time
+
+
+@dataclass(slots=True)
+class Row:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+    priority: int
+    size: int
+
+
+class BufferError(Exception):
+    """The buffer file cannot be used."""
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/inf (which JSON cannot carry) by None: an unknown value, never a made-up one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode(gateway_id: str, seq: int, record: Record) -> bytes:
+    body = {"gateway": gateway_id, "seq": seq, "ts": iso_ts(record.ts), **record.payload}
+    try:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(body), separators=(",", ":"), allow_nan=False)
+    return text.encode()
+
+
+class Buffer:
+    def __init__(self, path: str | Path, gateway_id: str, *, max_bytes: int = 1 << 30,
+                 durability: str = "normal", readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.gateway_id = gateway_id
+        self.max_bytes = max_bytes
+        self.durability = durability
+        self.dropped: Counter[str] = Counter()  # evictions since start, by kind
+        self.appended = 0
+        self.acked = 0
+        self._conn: sqlite3.Connection | None = None
+        self.readonly = readonly
+        if readonly:
+            self._connect_readonly()
+        else:
+            self._open()
+
+    # ----- opening, corruption handling -----
+
+    @property
+    def _seq_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".seq")
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connect()
+        except (sqlite3.DatabaseError, BufferError) as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.error("buffer.corrupt", path=str(self.path), moved_to=str(aside), error=str(exc),
+                      hint="a fresh buffer was started; the old file is kept for inspection")
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            self._connect()
+
+    def _connect_readonly(self) -> None:
+        """For `buffer stats|dump` beside a running daemon: never creates, moves or writes."""
+        if not self.path.exists():
+            raise BufferError(f"no buffer at {self.path}")
+        self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            self._next_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0] + 1
+            self._seq_reserved = 1 << 62  # never writes the side file
+            self._bytes, self._depth = self.conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
+            self._dropped_total = int(self._meta("dropped") or 0)
+        except sqlite3.DatabaseError as exc:
+            raise BufferError(f"{self.path} is not a readable buffer: {exc}") from None
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise BufferError(f"integrity check failed: {ok}")
+        db = sqlite_utils.Database(conn)
+        db["outbox"].create(
+            {"seq": int, "topic": str, "payload": bytes, "retain": int, "priority": int, "kind": str,
+             "ts": float, "size": int, "not_before": float, "attempts": int},
+            pk="seq", if_not_exists=True,
+            defaults={"not_before": 0.0, "attempts": 0},
+        )
+        db["outbox"].create_index(["priority", "seq"], if_not_exists=True)
+        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        max_row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
+        last = max(max_row, int(self._meta("last_seq") or 0))
+        # A file that never held a row may be a replacement for a lost one: continue after the
+        # high-water mark kept beside it, so no seq is ever used twice.
+        self._next_seq = (last if last else self._read_seq_file()) + 1
+        self._seq_reserved = max(self._next_seq - 1, self._read_seq_file())
+        self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
+        self._dropped_total = int(self._meta("dropped") or 0)
+
+    def _read_seq_file(self) -> int:
+        try:
+            return int(self._seq_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _reserve_seq(self, upto: int) -> None:
+        """Keep a high-water mark outside the database so a replaced file never reuses a seq."""
+        if upto <= self._seq_reserved:
+            return
+        mark = upto + SEQ_RESERVE
+        tmp = self._seq_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(mark))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._seq_file)
+        self._seq_reserved = mark
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BufferError("buffer is closed")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError:
+                pass
+            self._conn.close()
+            self._conn = None
+
+    # ----- writing -----
+
+    def append(self, records: Iterable[Record], state: dict[str, Any] | None = None) -> list[int]:
+        """Write records (and rule state changes) in one transaction; return their seqs."""
+        rows = []
+        seq = self._next_seq
+        for r in records:
+            payload = encode(self.gateway_id, seq, r)
+            size = len(payload) + len(r.topic) + ROW_OVERHEAD
+            rows.append((seq, r.topic, payload, int(r.retain), r.priority, r.kind, r.ts, size))
+            seq += 1
+        if not rows and not state:
+            return []
+        self._reserve_seq(seq - 1)
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                conn.executemany(
+                    "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size) VALUES (?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq - 1),))
+            if state:
+                for key, value in state.items():
+                    if value is None:
+                        conn.execute("DELETE FROM state WHERE key=?", (key,))
+                    else:
+                        conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(_finite(value))))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._next_seq = seq
+        self._bytes += sum(r[7] for r in rows)
+        self._depth += len(rows)
+        self.appended += len(rows)
+        if self._bytes > self.max_bytes:
+            self._evict()
+        return [r[0] for r in rows]
+
+    def _evict(self) -> None:
+        """Drop oldest rows of the lowest priority until under 95% of max_bytes; count each."""
+        target = int(self.max_bytes * 0.95)
+        conn = self.conn
+        dropped: Counter[str] = Counter()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            while self._bytes > target:
+                batch = conn.execute(
+                    "SELECT seq, size, kind FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
+                ).fetchall()
+                if not batch:
+                    break
+                freed, cut = 0, []
+                for seq, size, kind in batch:
+                    cut.append((seq,))
+                    freed += size
+                    dropped[kind] += 1
+                    if self._bytes - freed <= target:
+                        break
+                conn.executemany("DELETE FROM outbox WHERE seq=?", cut)
+                self._bytes -= freed
+                self._depth -= len(cut)
+            total = sum(dropped.values())
+            self._dropped_total += total
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (str(self._dropped_total),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.dropped.update(dropped)
+        log.warning("buffer.full", evicted=dict(dropped), max_bytes=self.max_bytes,
+                    hint="the upstream broker has not taken data for long: oldest data was dropped")
+
+    # ----- forwarding -----
+
+    def fetch(self, after: dict[int, int], limit: int, now: float | None = None) -> list[Row]:
+        """Rows due for sending, highest priority first, each priority in seq order after `after[p]`."""
+        now = time.time() if now is None else now
+        out: list[Row] = []
+        for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):
+            if len(out) >= limit:
+                break
+            cur = self.conn.execute(
+                "SELECT seq, topic, payload, retain, priority, size FROM outbox"
+                " WHERE priority=? AND seq>? AND not_before<=? ORDER BY seq LIMIT ?",
+                (priority, after.get(priority, 0), now, limit - len(out)),
+            )
+            out.extend(Row(s, t, p, bool(r), pr, sz) for s, t, p, r, pr, sz in cur)
+        return out
+
+    def ack(self, rows: list[Row]) -> None:
+        """The broker has the rows: delete them."""
+        if not rows:
+            return
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows])
+            deleted = cur.rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        # Rows evicted while in flight are gone already: account only what this call removed.
+        if deleted == len(rows):
+            self._bytes -= sum(r.size for r in rows)
+            self._depth -= deleted
+        else:
+            self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
+        self.acked += deleted
+
+    def defer(self, rows: list[Row], delay: float) -> None:
+        """The broker refused the rows: keep them, try again after `delay` seconds."""
+        if rows:
+            self.conn.executemany(
+                "UPDATE outbox SET not_before=?, attempts=attempts+1 WHERE seq=?",
+                [(time.time() + delay, r.seq) for r in rows],
+            )
+
+    def next_due(self) -> float | None:
+        """When the earliest deferred row becomes due again (None if none is deferred)."""
+        row = self.conn.execute("SELECT MIN(not_before) FROM outbox WHERE not_before>0").fetchone()
+        return row[0] if row and row[0] else None
+
+    def refused_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM outbox WHERE attempts>0").fetchone()[0]
+
+    # ----- rule state (written with the records in `append`) -----
+
+    def load_state(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM state")}
+
+    # ----- inspection -----
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def dropped_total(self) -> int:
+        return self._dropped_total
+
+    def oldest_ts(self) -> float | None:
+        return self.conn.execute("SELECT MIN(ts) FROM outbox").fetchone()[0]
+
+    def stats(self) -> dict[str, Any]:
+        oldest = self.oldest_ts()
+        by_kind = {k: n for k, n in self.conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind")}
+        return {
+            "path": str(self.path),
+            "depth": self._depth,
+            "bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "file_bytes": sum(Path(str(self.path) + s).stat().st_size
+                              for s in ("", "-wal") if Path(str(self.path) + s).exists()),
+            "oldest_ts": iso_ts(oldest) if oldest else None,
+            "oldest_age_s": round(time.time() - oldest, 3) if oldest else None,
+            "by_kind": by_kind,
+            "refused": self.refused_count(),
+            "next_seq": self._next_seq,
+            "dropped": self._dropped_total,
+            "alarm_states": self.conn.execute("SELECT COUNT(*) FROM state").fetchone()[0],
+        }
+
+    def dump(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        sql = "SELECT seq, topic, retain, kind, attempts, payload FROM outbox ORDER BY priority DESC, seq"
+        params: tuple = ()
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (limit,)
+        for seq, topic, retain, kind, attempts, payload in self.conn.execute(sql, params):
+            yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": attempts,
+                   "payload": json.loads(payload)}

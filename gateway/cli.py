@@ -1,0 +1,144 @@
+"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from gateway import __version__, logs
+
+
+def _load(path: str):
+    from gateway import config
+
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s); nothing was started", file=sys.stderr)
+        return None
+
+
+def cmd_run(args) -> int:
+    from gateway.app import App
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    fmt = cfg.gateway.log_format
+    logs.configure(args.log_level or cfg.gateway.log_level, json=None if fmt == "auto" else fmt == "json")
+    return asyncio.run(App(cfg, args.config).run())
+
+
+def cmd_check_config(args) -> int:
+    from gateway import config
+
+    problems: list[str] = []
+    located = config.load_located(args.config, problems)
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    print(config.summary(cfg, located.files))
+    return 0
+
+
+def cmd_buffer(args) -> int:
+    from gateway.buffer import Buffer, BufferError
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    try:
+        buf = Buffer(cfg.buffer_path, cfg.gateway.id, max_bytes=cfg.buffer.max_bytes, readonly=True)
+    except BufferError as exc:
+        print(f"edge-gateway: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "stats":
+            stats = buf.stats()
+            if args.json:
+                print(json.dumps(stats, indent=2))
+            else:
+                width = max(len(k) for k in stats)
+                for key, value in stats.items():
+                    print(f"{key:<{width}}  {value}")
+        else:
+            for row in buf.dump(args.limit):
+                print(json.dumps(row, separators=(",", ":")))
+    finally:
+        buf.close()
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from drivers.sim import run_simulator
+
+    logs.configure("info")
+    options = {k: v for k, v in vars(args).items() if k.startswith("sim_") and v is not None}
+    options = {k.removeprefix("sim_"): v for k, v in options.items()}
+    try:
+        asyncio.run(run_simulator(args.kind, **options))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from gateway.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway.config import default_path
+
+    parser = argparse.ArgumentParser(prog="edge-gateway", description="Industrial IoT edge gateway")
+    parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", default=default_path(),
+                       help="main YAML file (default: $EDGE_GATEWAY_CONFIG or /etc/edge-gateway/gateway.yaml)")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    with_config(p)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the configuration without connecting to anything")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("buffer", help="inspect the store-and-forward buffer")
+    p.add_argument("action", choices=["stats", "dump"])
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="stats as JSON")
+    p.add_argument("--limit", type=int, default=None, help="dump at most this many rows")
+    p.set_defaults(func=cmd_buffer)
+
+    p = sub.add_parser("simulate", help="run one simulated device alone, for field tests")
+    p.add_argument("kind", choices=["modbus", "opcua", "vibration"])
+    p.add_argument("--host", dest="sim_host", help="address to listen on (modbus, opcua) or broker host (vibration)")
+    p.add_argument("--port", dest="sim_port", type=int, help="port to listen on, or the broker port (vibration)")
+    p.add_argument("--fault", dest="sim_fault", choices=["none", "bpfo", "bpfi"], help="vibration: bearing fault")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="simulated devices + broker + gateway, live in the terminal")
+    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    p.add_argument("--broker", default=None, help="HOST:PORT of an MQTT broker to use instead of the embedded one")
+    p.add_argument("--state-dir", default=None, help="where the demo keeps its buffer (default: a temporary folder)")
+    p.add_argument("--plain", action="store_true", help="print lines instead of refreshing the screen in place")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

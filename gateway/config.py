@@ -1,0 +1,426 @@
+"""Configuration: YAML files (+ `include:` globs) -> typed pydantic models, errors as FILE:LINE.
+
+The root model is a pydantic-settings `BaseSettings`, so `EDGE_GATEWAY__UPSTREAM__PORT=1884`
+overrides `upstream.port` (environment beats YAML). Device and rule models come from the driver
+and rule registries as discriminated unions: a new driver or rule type adds a model, not a branch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+import drivers
+import rules
+from drivers.base import REGISTRY as DRIVER_REGISTRY
+from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, read_secret, tagged_union
+from rules.base import REGISTRY as RULE_REGISTRY
+
+ENV_PREFIX = "EDGE_GATEWAY__"
+DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"
+
+# Scalar features every analysis offers as rule inputs (besides bearing.<defect>).
+SCALAR_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness", "velocity_rms")
+
+
+class GatewaySection(StrictModel):
+    id: Name
+    state_dir: Path = Path("/var/lib/edge-gateway")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class UpstreamConfig(BrokerConfig):
+    topic_prefix: str = "edge/{gateway_id}"
+    max_inflight: int = Field(100, ge=1, le=65535)
+    health_interval: Duration = Field(10.0, gt=0)
+    batch: int = Field(500, ge=1, le=10000)  # rows read from the buffer per query
+    refused_retry: Duration = Field(60.0, gt=0)  # how long a refused record waits before it is tried again
+
+    @model_validator(mode="after")
+    def _secret_readable(self) -> "UpstreamConfig":
+        if self.password_file is not None:
+            read_secret(self.password_file)
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+class BufferConfig(StrictModel):
+    path: Path = Path("buffer.db")
+    max_bytes: ByteSize = Field(1 << 30, ge=1 << 16)
+    durability: Literal["normal", "full"] = "normal"
+
+
+def _device_union() -> Any:
+    return tagged_union([t.config for t in DRIVER_REGISTRY.values()], "driver")
+
+
+def _rule_union() -> Any:
+    return tagged_union([t.config for t in RULE_REGISTRY.values()], "type")
+
+
+class GatewayConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    gateway: GatewaySection
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    devices: list[_device_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+    summaries: SummariesConfig = Field(default_factory=SummariesConfig)
+    analyses: list[AnalysisConfig] = Field(default_factory=list)
+    rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: an operator's override must beat the file.
+        return env_settings, init_settings
+
+    # ----- derived views used by the app and by check-config -----
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.upstream.topic_prefix.replace("{gateway_id}", self.gateway.id).rstrip("/")
+
+    @property
+    def client_id(self) -> str:
+        return self.upstream.client_id or self.gateway.id
+
+    @property
+    def buffer_path(self) -> Path:
+        return self.buffer.path if self.buffer.path.is_absolute() else self.gateway.state_dir / self.buffer.path
+
+    def tag_units(self) -> dict[str, str | None]:
+        return {f"{d.name}.{tag}": unit for d in self.devices for tag, unit in d.tag_units().items()}
+
+    def device_tags(self) -> dict[str, list[str]]:
+        return {d.name: d.tag_names() for d in self.devices}
+
+    def known_inputs(self) -> set[str]:
+        names = {f"{d.name}.{t}" for d in self.devices for t in d.tag_names()}
+        for a in self.analyses:
+            names.update(f"{a.name}.{f}" for f in SCALAR_FEATURES if f in a.features or f == "velocity_rms")
+            if a.bearing is not None:
+                names.update(f"{a.name}.bearing.{d}" for d in a.bearing.orders)
+        return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with line numbers
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass
+class Located:
+    """Merged plain data plus where each dotted path came from."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    lines: dict[Path_, tuple[str, int]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+
+class ConfigError(Exception):
+    """Every problem found, one `FILE:LINE: dotted.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _node_to_python(loader: _Loader, node: yaml.Node, path: Path_, file: str, out: Located, problems: list[str]) -> Any:
+    out.lines.setdefault(path, (file, node.start_mark.line + 1))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int)):
+                problems.append(f"{file}:{key_node.start_mark.line + 1}: {_dotted(path)}: keys must be strings")
+                continue
+            key = str(key)
+            if key in result:
+                problems.append(f"{file}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: duplicate key")
+            result[key] = _node_to_python(loader, value_node, path + (key,), file, out, problems)
+            out.lines[path + (key,)] = (file, key_node.start_mark.line + 1)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_python(loader, item, path + (i,), file, out, problems) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def _read_yaml(path: Path, problems: list[str]) -> Located:
+    located = Located(files=[str(path)])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{path}:0: (file): cannot read: {exc.strerror or exc}")
+        return located
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return located
+            data = _node_to_python(loader, node, (), str(path), located, problems)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 0
+        problems.append(f"{path}:{line}: (yaml): {getattr(exc, 'problem', None) or exc}")
+        return located
+    if not isinstance(data, dict):
+        problems.append(f"{path}:1: (root): the file must hold a mapping of sections")
+        return located
+    located.data = data
+    return located
+
+
+def _merge(dst: Located, src: Located, src_path: Path_ = (), dst_path: Path_ = ()) -> None:
+    """Merge src into dst: mappings merge key by key, lists append, scalars are replaced."""
+
+    def move_lines(sp: Path_, dp: Path_) -> None:
+        n = len(sp)
+        for p, where in src.lines.items():
+            if p[:n] == sp:
+                dst.lines[dp + p[n:]] = where
+
+    def get(data: Any, p: Path_) -> Any:
+        for k in p:
+            data = data[k]
+        return data
+
+    src_node = get(src.data, src_path)
+    dst_node = get(dst.data, dst_path)
+    for key, value in src_node.items():
+        if key in dst_node and isinstance(dst_node[key], dict) and isinstance(value, dict):
+            _merge(dst, src, src_path + (key,), dst_path + (key,))
+        elif key in dst_node and isinstance(dst_node[key], list) and isinstance(value, list):
+            offset = len(dst_node[key])
+            dst_node[key].extend(value)
+            for i in range(len(value)):
+                move_lines(src_path + (key, i), dst_path + (key, offset + i))
+        else:
+            dst_node[key] = value
+            move_lines(src_path + (key,), dst_path + (key,))
+
+
+def load_located(path: str | Path, problems: list[str]) -> Located:
+    main = Path(path)
+    root = _read_yaml(main, problems)
+    includes = root.data.pop("include", None)
+    if includes is None:
+        return root
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        file, line = root.lines.get(("include",), (str(main), 1))
+        problems.append(f"{file}:{line}: include: expected a list of file names or globs")
+        return root
+    seen = {main.resolve()}
+    for i, pattern in enumerate(includes):
+        file, line = root.lines.get(("include", i), root.lines.get(("include",), (str(main), 1)))
+        full = pattern if os.path.isabs(pattern) else str(main.parent / pattern)
+        matches = sorted(glob.glob(full))
+        if not matches and not glob.has_magic(pattern):
+            problems.append(f"{file}:{line}: include.{i}: no such file: {pattern}")
+        for match in matches:
+            if Path(match).resolve() in seen:
+                continue
+            seen.add(Path(match).resolve())
+            part = _read_yaml(Path(match), problems)
+            if "include" in part.data:
+                f2, l2 = part.lines[("include",)]
+                problems.append(f"{f2}:{l2}: include: only the main file may include others")
+                part.data.pop("include")
+            _merge(root, part)
+            root.files.append(match)
+    return root
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path) if path else "(root)"
+
+
+def _clean_loc(data: Any, loc: tuple) -> Path_:
+    """Drop pydantic's union tags (e.g. the 'modbus' in devices.0.modbus.port) from a location."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int):
+            node = node[part] if part < len(node) else None
+            out.append(part)
+        elif isinstance(node, dict):
+            if part in node:
+                node = node[part]
+                out.append(part)
+            elif part in (node.get("driver"), node.get("type")) or str(part).startswith("function-"):
+                continue  # discriminator tag or validator wrapper, not a key the user wrote
+            else:
+                out.append(part)
+                node = None
+        elif node is None and isinstance(part, str) and part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+def _where(located: Located, path: Path_, fallback_file: str) -> tuple[str, int]:
+    for n in range(len(path), -1, -1):
+        if path[:n] in located.lines:
+            return located.lines[path[:n]]
+    return fallback_file, 1
+
+
+def _env_var_for(path: Path_) -> str | None:
+    name = ENV_PREFIX + "__".join(str(p).upper() for p in path)
+    for key in os.environ:
+        if key.upper() == name:
+            return key
+    return None
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if err["type"] == "union_tag_not_found":
+        return f"missing {err.get('ctx', {}).get('discriminator', 'type')!s} key".replace("'", "")
+    return msg.removeprefix("Value error, ")
+
+
+def _cross_check(cfg: GatewayConfig) -> list[tuple[Path_, str]]:
+    """References between sections: names unique, inputs that exist."""
+    problems: list[tuple[Path_, str]] = []
+
+    def unique(section: str, items: list[Any]) -> None:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append(((section, i, "name"), f"duplicate name {item.name!r}"))
+            seen.add(item.name)
+
+    unique("devices", cfg.devices)
+    unique("analyses", cfg.analyses)
+    unique("rules", cfg.rules)
+    device_names = {d.name for d in cfg.devices}
+    waveforms = {f"{d.name}.{t}" for d in cfg.devices for t in d.waveform_tags()}
+    scalars = {f"{d.name}.{t}" for d in cfg.devices for t in d.tag_names()} - waveforms
+    for i, a in enumerate(cfg.analyses):
+        if a.input not in waveforms:
+            hint = " (it is a scalar tag)" if a.input in scalars else ""
+            problems.append((("analyses", i, "input"), f"{a.input!r} is not a waveform tag of a configured device{hint}"))
+        if a.bearing is not None and a.bearing.shaft_tag and a.bearing.shaft_tag not in scalars:
+            problems.append((("analyses", i, "bearing", "shaft_tag"), f"unknown tag {a.bearing.shaft_tag!r}"))
+    known = cfg.known_inputs()
+    for i, r in enumerate(cfg.rules):
+        for name in r.inputs():
+            if name in known or ("." not in name and name in device_names):
+                continue
+            key = "input" if name == getattr(r, "input", None) else "device"
+            problems.append((("rules", i, key), f"unknown input {name!r} (expected device.tag or analysis.feature)"))
+    return problems
+
+
+def load(path: str | Path) -> GatewayConfig:
+    """Load and validate; raise ConfigError with every problem at once."""
+    problems: list[str] = []
+    located = load_located(path, problems)
+    if problems:
+        raise ConfigError(problems)
+    main = str(path)
+    try:
+        cfg = GatewayConfig(**located.data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            p = _clean_loc(located.data, err["loc"])
+            env = _env_var_for(p)
+            if env and not _has_path(located.data, p):
+                problems.append(f"${env}: {_dotted(p)}: {_message(err)}")
+            else:
+                file, line = _where(located, p, main)
+                problems.append(f"{file}:{line}: {_dotted(p)}: {_message(err)}")
+        raise ConfigError(_dedupe(problems)) from None
+    for p, msg in _cross_check(cfg):
+        file, line = _where(located, p, main)
+        problems.append(f"{file}:{line}: {_dotted(p)}: {msg}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _has_path(data: Any, path: Path_) -> bool:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+def default_path() -> str:
+    return os.environ.get("EDGE_GATEWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def summary(cfg: GatewayConfig, files: list[str] | None = None) -> str:
+    """The one-screen summary `check-config` prints for a valid configuration."""
+    lines = [f"gateway {cfg.gateway.id}: configuration is valid"]
+    if files:
+        lines.append(f"  files     {', '.join(files)}")
+    lines.append(f"  upstream  mqtt{'s' if cfg.upstream.tls.enabled else ''}://{cfg.upstream.host}:{cfg.upstream.port}"
+                 f" (MQTT {cfg.upstream.protocol}), topics under {cfg.topic_prefix}/")
+    lines.append(f"  buffer    {cfg.buffer_path} (max {cfg.buffer.max_bytes / 2**20:.0f} MiB, {cfg.buffer.durability})")
+    lines.append(f"  devices   {len(cfg.devices)}")
+    for d in cfg.devices:
+        lines.append(f"    {d.name:<16} {d.driver:<7} {len(d.tag_names())} tags: {', '.join(d.tag_names()[:8])}"
+                     + (" ..." if len(d.tag_names()) > 8 else ""))
+    lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
+    lines.append(f"  analyses  {len(cfg.analyses)}")
+    for a in cfg.analyses:
+        lines.append(f"    {a.name:<16} {a.input} window {a.window} -> {cfg.topic_prefix}/features/{a.name}")
+    lines.append(f"  rules     {len(cfg.rules)}")
+    for r in cfg.rules:
+        lines.append(f"    {r.name:<16} {r.type:<9} on {', '.join(r.inputs())}")
+    return "\n".join(lines)
+
+
+__all__ = ["GatewayConfig", "ConfigError", "load", "summary", "default_path", "drivers", "rules"]

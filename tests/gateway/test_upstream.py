@@ -1,0 +1,203 @@
+"""Buffer -> broker forwarding against a real Mosquitto: outage, refusal, TLS, commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway.buffer import Buffer
+from gateway.config import UpstreamConfig
+from gateway.model import Record
+from gateway.upstream import Upstream
+
+
+def make_upstream(buffer: Buffer, port: int, **kw) -> Upstream:
+    cfg = UpstreamConfig(host="127.0.0.1", port=port, reconnect_min=0.1, reconnect_max=0.5,
+                         **{k: v for k, v in kw.items() if k not in ("on_command",)})
+    return Upstream(cfg, buffer, gateway_id="gw1", topic_prefix="edge/gw1", client_id=f"gw1-{os.getpid()}-{id(buffer)}",
+                    started_at=time.time(), on_command=kw.get("on_command"))
+
+
+class PersistentCollector:
+    """A subscriber whose session (and queued QoS 1 messages) survives a broker restart."""
+
+    def __init__(self, port: int, topic: str = "edge/#") -> None:
+        self.messages: list[tuple[str, dict]] = []
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"collector-{port}", protocol=mqtt.MQTTv5)
+        props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.on_connect = lambda c, u, f, rc, p=None: (not f.session_present) and c.subscribe(topic, qos=1)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, json.loads(m.payload)))
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def seqs(self, prefix: str = "edge/gw1/data") -> list[int]:
+        return [p["seq"] for t, p in list(self.messages) if t.startswith(prefix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+async def test_broker_outage_loses_nothing(tmp_path, mosquitto_factory):
+    broker = mosquitto_factory(extra_conf=f"persistence true\npersistence_location {tmp_path}/\n".replace(
+        "persistence false\n", ""))
+    # the fixture wrote 'persistence false' first; mosquitto takes the last value
+    collector = PersistentCollector(broker.port)
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    up = make_upstream(buffer, broker.port)
+    task = asyncio.create_task(up.run())
+    produced: list[int] = []
+
+    async def produce(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            produced.extend(buffer.append([Record("data/press1", {"i": i}, time.time())]))
+            up.wake()
+            i += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        assert await wait_until(lambda: up.connected, 10)
+        await produce(2.0)
+        broker.stop()
+        await produce(10.0)  # the broker is down for these 10 s; the buffer holds everything
+        assert not up.connected and buffer.depth > 0
+        depth_during_outage = buffer.depth
+        broker.start()
+        await produce(2.0)
+        assert await wait_until(lambda: set(produced) <= set(collector.seqs()), 30), (
+            f"missing {len(set(produced) - set(collector.seqs()))} of {len(produced)}")
+        assert await wait_until(lambda: buffer.depth == 0, 10)
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
+        collector.close()
+    got = sorted(set(collector.seqs()))
+    assert got == list(range(got[0], got[-1] + 1)), "seq must have no gap"
+    assert depth_during_outage > 500
+    assert up.connects >= 2
+
+
+async def test_refused_publish_stays_buffered_and_others_flow(tmp_path, mosquitto_factory, collector_factory):
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\ntopic deny edge/gw1/data/forbidden\n")
+    os.chmod(acl, 0o644)
+    broker = mosquitto_factory(extra_conf=f"acl_file {acl}\n")
+    collector = collector_factory(broker, "edge/#")
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    buffer.append([Record("data/forbidden", {"i": i}, time.time()) for i in range(5)])
+    ok = buffer.append([Record("data/allowed", {"i": i}, time.time()) for i in range(20)])
+    up = make_upstream(buffer, broker.port)
+    task = asyncio.create_task(up.run())
+    try:
+        assert await wait_until(lambda: len(collector.json("edge/gw1/data/allowed")) >= 20, 15)
+        assert await wait_until(lambda: up.refused >= 5, 10)
+        assert buffer.depth == 5 and buffer.refused_count() == 5
+        assert {p["seq"] for _, p in collector.json("edge/gw1/data/allowed")} == set(ok)
+        assert collector.json("edge/gw1/data/forbidden") == []
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def tls_broker(tmp_path, mosquitto_factory):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    for f in (ca_file, cert_file, key_file):
+        os.chmod(f, 0o644)  # mosquitto may drop to its own user
+    from tests.conftest import free_port
+
+    tls_port = free_port()
+    broker = mosquitto_factory(extra_conf=(
+        f"listener {tls_port} 127.0.0.1\ncafile {ca_file}\ncertfile {cert_file}\nkeyfile {key_file}\n"
+        "allow_anonymous true\n"))
+    return broker, tls_port, ca_file, tmp_path
+
+
+async def test_tls_with_the_right_ca_connects(tls_broker, collector_factory):
+    broker, tls_port, ca_file, tmp = tls_broker
+    collector = collector_factory(broker, "edge/gw1/#")  # plain listener of the same broker
+    buffer = Buffer(tmp / "b.db", "gw1")
+    seqs = buffer.append([Record("data/x", {"i": 1}, time.time())])
+    up = make_upstream(buffer, tls_port, tls={"ca_file": str(ca_file)})
+    task = asyncio.create_task(up.run())
+    try:
+        assert await wait_until(lambda: [p["seq"] for _, p in collector.json("edge/gw1/data")] == seqs, 10)
+        assert any(p["state"] == "online" for _, p in collector.json("edge/gw1/status"))
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_tls_with_a_wrong_ca_refuses_and_says_why(tls_broker):
+    import trustme
+
+    _, tls_port, _, tmp = tls_broker
+    other = tmp / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    buffer = Buffer(tmp / "b.db", "gw1")
+    buffer.append([Record("data/x", {"i": 1}, time.time())])
+    up = make_upstream(buffer, tls_port, tls={"ca_file": str(other)})
+    task = asyncio.create_task(up.run())
+    try:
+        assert await wait_until(lambda: up.last_error is not None, 10)
+        await asyncio.sleep(0.5)
+        assert not up.connected and up.connects == 0
+        assert "TLS" in up.last_error and "certificate" in up.last_error
+        assert buffer.depth == 1  # nothing was sent in clear text instead
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_commands_get_replies(tmp_path, mosquitto, collector_factory):
+    async def handler(name, request):
+        if name == "ping":
+            return {"ok": True, "pong": True}
+        return {"ok": False, "error": "unknown command"}
+
+    collector = collector_factory(mosquitto, "edge/gw1/cmd/#")
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    up = make_upstream(buffer, mosquitto.port, on_command=handler)
+    task = asyncio.create_task(up.run())
+    try:
+        assert await wait_until(lambda: up.connected, 10)
+        await asyncio.sleep(0.3)  # the gateway's subscription is in place
+        collector.client.publish("edge/gw1/cmd/ping", json.dumps({"id": 7}), qos=1)
+        collector.client.publish("edge/gw1/cmd/nope", "not json", qos=1)
+        assert await wait_until(lambda: len(collector.json("edge/gw1/cmd/ping/reply")) == 1
+                                and len(collector.json("edge/gw1/cmd/nope/reply")) == 1, 10)
+        ping = collector.json("edge/gw1/cmd/ping/reply")[0][1]
+        assert ping["ok"] is True and ping["pong"] is True and ping["id"] == 7
+        nope = collector.json("edge/gw1/cmd/nope/reply")[0][1]
+        assert nope["ok"] is False and nope["error"]
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
