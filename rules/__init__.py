@@ -5,7 +5,8 @@ them all through one `RuleEngine` (see `rules/engine.py` and `rules/README.md`).
 """
 
 from rules import base  # noqa: F401
-from rules import threshold  # noqa: F401  (each import registers its rule type)
+# Each import registers its rule type.
+from rules import downtime, iso10816, pass_fail, rate, stale, threshold  # noqa: F401
 from rules.base import REGISTRY, RuleConfig
 from rules.engine import RuleEngine
 

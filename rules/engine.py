@@ -199,7 +199,9 @@ class AlarmRule(Protocol):
 
     config: AlarmRuleConfig
     default_severity: Severity
-    unit: str | None  # shown in payloads when the rule knows it better than the sample
+
+    def unit_of(self, sample_unit: str | None) -> str | None:
+        """The unit of the judged value, given the input's unit."""
 
     def evaluate(self, value: float, ts: float, active: Severity | None) -> Verdict | None:
         """None when the value alone cannot be judged yet (e.g. a rate needs a window)."""
@@ -285,7 +287,7 @@ class AlarmHandler:
         return out
 
     def _with_unit(self, verdict: Verdict) -> Verdict:
-        unit = self.rule.unit or self.unit
+        unit = self.rule.unit_of(self.unit)
         if unit is None or "unit" in verdict.extra:
             return verdict
         return Verdict(verdict.severity, verdict.value, verdict.limit, verdict.message,

@@ -40,10 +40,12 @@ class ThresholdRule:
     def __init__(self, config: ThresholdConfig) -> None:
         self.config = config
         self.default_severity: Severity = config.severity
-        self.unit = None
         self.rising = config.above is not None
         self.limit: float = config.above if self.rising else config.below  # type: ignore[assignment]
         self.clear: float = config.clear if config.clear is not None else self.limit
+
+    def unit_of(self, sample_unit: str | None) -> str | None:
+        return sample_unit
 
     def evaluate(self, value: float, ts: float, active: Severity | None) -> Verdict:
         cfg = self.config

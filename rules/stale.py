@@ -1,0 +1,123 @@
+"""`stale`: no good value of an input, or of any tag of a device, for `after`.
+
+    {name: press1_silent, type: stale, input: press1.temperature, after: 30s, severity: critical}
+    {name: press1_down, type: stale, device: press1, after: 30s}
+
+Counted from start-up, so a device that has not answered once since the gateway started is
+stale too. A fresh good value clears it (after `clear_for`, default at once). Bad-quality
+values do not count as fresh: a device that answers with errors is as silent as one that
+does not answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from gateway.model import Record, Sample, iso_ts
+from gateway.schema import Duration, Name
+from rules.base import RuleConfig, Severity, Verdict, register
+from rules.engine import STATE_VERSION, Alarm
+
+
+class StaleConfig(RuleConfig):
+    type: Literal["stale"]
+    input: str | None = None  # type: ignore[assignment]  # one of input / device
+    device: Name | None = None
+    after: Duration = Field(gt=0)
+    clear_for: Duration = 0.0
+    severity: Severity = "warning"
+
+    @model_validator(mode="after")
+    def _input_or_device(self) -> "StaleConfig":
+        if (self.input is None) == (self.device is None):
+            raise ValueError("give exactly one of 'input' (device.tag) or 'device'")
+        return self
+
+    def inputs(self) -> list[str]:
+        # A whole device is matched by device name, not by a tag list (see `devices`).
+        return [self.input] if self.input else []
+
+    @property
+    def watched(self) -> str:
+        return self.input or self.device  # type: ignore[return-value]
+
+
+class StaleHandler:
+    def __init__(self, config: StaleConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.dirty = False
+        self.alarm = Alarm(config.name, input=config.watched, clear_for=config.clear_for,
+                           static={"type": "stale"})
+        self.started = 0.0
+        self.last_good: float | None = None  # clock time
+        self.last_good_ts: float | None = None  # the sample's own time, for the payload
+        self.tags: list[str] = []
+
+    def bind(self, now: float, device_tags: dict[str, list[str]]) -> None:
+        self.started = now
+        if self.config.device:
+            self.tags = list(device_tags.get(self.config.device, []))
+
+    def inputs(self) -> set[str]:
+        if self.config.input:
+            return {self.config.input}
+        return {f"{self.config.device}.{tag}" for tag in self.tags}
+
+    def devices(self) -> set[str]:
+        return {self.config.device} if self.config.device else set()
+
+    def alarms(self) -> list[Alarm]:
+        return [self.alarm]
+
+    def on_sample(self, s: Sample, now: float) -> list[Record]:
+        if not s.good or s.value is None or s.value != s.value:  # NaN is not a fresh value
+            return []
+        gap = now - (self.last_good if self.last_good is not None else self.started)
+        self.last_good, self.last_good_ts = now, s.ts
+        verdict = Verdict(None, round(gap, 3), self.config.after,
+                          f"{s.source} delivers good values again after {gap:.1f} s",
+                          self._extra())
+        return self._sync(self.alarm.offer(verdict, now, s.ts))
+
+    def tick(self, now: float) -> list[Record]:
+        reference = self.last_good if self.last_good is not None else self.started
+        age = now - reference
+        if age < self.config.after:
+            return self._sync(self.alarm.tick(now))
+        what = f"device {self.config.device}" if self.config.device else self.config.input
+        if self.last_good is None:
+            message = f"no good value of {what} since start-up ({age:.1f} s)"
+        else:
+            message = f"no good value of {what} for {age:.1f} s"
+        verdict = Verdict(self.config.severity, round(age, 3), self.config.after, message,
+                          self._extra())
+        return self._sync(self.alarm.offer(verdict, now, now))
+
+    def _extra(self) -> dict[str, Any]:
+        return {"unit": "s",
+                "last_good": iso_ts(self.last_good_ts) if self.last_good_ts is not None else None}
+
+    def _sync(self, records: list[Record]) -> list[Record]:
+        if self.alarm.dirty:
+            self.alarm.dirty = False
+            self.dirty = True
+        return records
+
+    def state(self) -> dict[str, Any]:
+        return {"v": STATE_VERSION, "type": "stale", "alarm": self.alarm.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("alarm"):
+            self.alarm.restore(state["alarm"])
+
+    def health(self) -> tuple[str, dict[str, Any]] | None:
+        return None
+
+    def summary_fields(self, device: str, now: float) -> dict[str, Any]:
+        return {}
+
+
+register("stale", StaleConfig, StaleHandler)
