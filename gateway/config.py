@@ -318,7 +318,7 @@ def _message(err: dict) -> str:
         ctx = err.get("ctx", {})
         return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     if err["type"] == "union_tag_not_found":
-        return f"missing {err.get('ctx', {}).get('discriminator', 'type')!s} key".replace("'", "")
+        return "required key is missing"
     return msg.removeprefix("Value error, ")
 
 
@@ -367,8 +367,10 @@ def load(path: str | Path) -> GatewayConfig:
     except ValidationError as exc:
         for err in exc.errors():
             p = _clean_loc(located.data, err["loc"])
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                p += (str(err.get("ctx", {}).get("discriminator", "type")).strip("'"),)
             env = _env_var_for(p)
-            if env and not _has_path(located.data, p):
+            if env:  # the environment beats the file, so the value at fault is the variable
                 problems.append(f"${env}: {_dotted(p)}: {_message(err)}")
             else:
                 file, line = _where(located, p, main)
@@ -380,17 +382,6 @@ def load(path: str | Path) -> GatewayConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def _has_path(data: Any, path: Path_) -> bool:
-    for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
-            return False
-    return True
 
 
 def _dedupe(lines: list[str]) -> list[str]:

@@ -1,0 +1,130 @@
+"""The daemon as a process: crash mid-drain, SIGTERM, SIGHUP, health and status topics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from gateway.buffer import Buffer
+from gateway.model import Record
+
+
+def write_config(tmp_path, port: int, extra: str = "", name: str = "gw.yaml"):
+    path = tmp_path / name
+    path.write_text(
+        f"gateway:\n  id: gw1\n  state_dir: {tmp_path}/state\n"
+        f"upstream:\n  host: 127.0.0.1\n  port: {port}\n  reconnect_max: 1s\n  health_interval: 1s\n" + extra
+    )
+    return path
+
+
+def start(cfg, tmp_path, name="daemon"):
+    log = open(tmp_path / f"{name}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(cfg)], stdout=log, stderr=log,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stop(proc, timeout=5.0) -> tuple[int, float]:
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout)
+    return rc, time.monotonic() - t0
+
+
+def test_kill_9_while_draining_loses_nothing(tmp_path, mosquitto, collector_factory):
+    cfg = write_config(tmp_path, mosquitto.port)
+    buf = Buffer(tmp_path / "state" / "buffer.db", "gw1")
+    seqs = set()
+    for start_i in range(0, 10_000, 1000):
+        seqs.update(buf.append([Record("data/bulk", {"i": i, "pad": "x" * 150}, time.time())
+                                for i in range(start_i, start_i + 1000)]))
+    buf.close()
+    collector = collector_factory(mosquitto, "edge/gw1/data/#")
+    received = lambda: {p["seq"] for _, p in collector.json("edge/gw1/data")}  # noqa: E731
+    proc = start(cfg, tmp_path)
+    try:
+        assert collector.wait_for(lambda c: len(received()) >= 300, 30), "the daemon did not start draining"
+        proc.kill()  # SIGKILL mid-drain: no chance to clean up
+        proc.wait(5)
+        got_before_restart = len(received())
+        assert got_before_restart < 10_000, "drained before the kill: the test proves nothing"
+        proc = start(cfg, tmp_path, "daemon2")
+        assert collector.wait_for(lambda c: seqs <= received(), 60), f"lost {len(seqs - received())} records"
+    finally:
+        rc, _ = stop(proc) if proc.poll() is None else (proc.returncode, 0)
+    assert rc == 0
+    stats = Buffer(tmp_path / "state" / "buffer.db", "gw1", readonly=True).stats()
+    assert stats["depth"] == 0
+
+
+def test_sigterm_exits_0_quickly_with_buffer_intact(tmp_path):
+    # no broker at all: the rows must stay in the buffer, the daemon must still stop cleanly
+    from tests.conftest import free_port
+
+    cfg = write_config(tmp_path, free_port())
+    buf = Buffer(tmp_path / "state" / "buffer.db", "gw1")
+    buf.append([Record("data/x", {"i": i}, time.time()) for i in range(100)])
+    buf.close()
+    proc = start(cfg, tmp_path)
+    time.sleep(1.5)
+    rc, took = stop(proc)
+    assert rc == 0 and took < 5.0
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log and "gateway.stopped" in log
+    b = Buffer(tmp_path / "state" / "buffer.db", "gw1")
+    assert b.depth == 100 and b.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_sighup_with_a_broken_file_keeps_running(tmp_path, mosquitto, collector_factory):
+    cfg = write_config(tmp_path, mosquitto.port)
+    collector = collector_factory(mosquitto, "edge/gw1/#")
+    proc = start(cfg, tmp_path)
+    try:
+        assert collector.wait_for(lambda c: any(p.get("state") == "online" for _, p in c.json("edge/gw1/status")), 20)
+        good = cfg.read_text()
+        cfg.write_text(good + "buffer:\n  max_bytes: twelve\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, "a bad reload must not stop the daemon"
+        log = (tmp_path / "daemon.log").read_text()
+        assert "config.reload_rejected" in log and "buffer.max_bytes" in log
+        # health keeps flowing from the old configuration
+        n = len(collector.json("edge/gw1/health"))
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/health")) > n, 5)
+        # a good file is taken
+        cfg.write_text(good.replace("health_interval: 1s", "health_interval: 2s"))
+        proc.send_signal(signal.SIGHUP)
+        assert collector.wait_for(lambda c: "config.reloaded" in (tmp_path / "daemon.log").read_text(), 10)
+        assert proc.poll() is None
+    finally:
+        rc, _ = stop(proc)
+    assert rc == 0
+
+
+def test_status_health_and_commands(tmp_path, mosquitto, collector_factory):
+    cfg = write_config(tmp_path, mosquitto.port)
+    collector = collector_factory(mosquitto, "edge/gw1/#")
+    proc = start(cfg, tmp_path)
+    try:
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/health")) >= 2, 20)
+        health = collector.json("edge/gw1/health")[-1][1]
+        for key in ("uptime_s", "devices", "buffer", "dropped"):
+            assert key in health
+        assert {"depth", "bytes", "oldest_ts"} <= set(health["buffer"])
+        assert health["upstream"]["connected"] is True
+        status = [p for _, p in collector.json("edge/gw1/status")]
+        assert status[-1]["state"] == "online" and status[-1]["version"] and status[-1]["started_at"]
+        collector.client.publish("edge/gw1/cmd/ping", "{}", qos=1)
+        assert collector.wait_for(lambda c: c.json("edge/gw1/cmd/ping/reply"), 10)
+        assert collector.json("edge/gw1/cmd/ping/reply")[0][1]["ok"] is True
+    finally:
+        rc, _ = stop(proc)
+    assert rc == 0
+    assert collector.wait_for(lambda c: c.json("edge/gw1/status")[-1][1]["state"] == "offline", 5)
+    retained = collector_factory(mosquitto, "edge/gw1/status")
+    assert retained.wait_for(lambda c: c.messages and c.messages[-1][2], 5), "status must be retained"
+    assert json.loads(retained.messages[-1][1])["state"] == "offline"
