@@ -1,3 +1,4 @@
 """Southbound protocol drivers. Importing the package registers every driver type."""
 
 from drivers import base  # noqa: F401
+from drivers import modbus  # noqa: F401

@@ -7,6 +7,8 @@ discriminated union of device configs from this registry.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,3 +67,76 @@ def register(name: str, config: type[DeviceConfig], factory: Callable[[DeviceCon
 
 def create(config: DeviceConfig) -> Driver:
     return REGISTRY[config.driver].factory(config, DeviceHealth(config.name))
+
+
+class DriverError(Exception):
+    """A device exchange failed. Peer-library exceptions are turned into this at the boundary."""
+
+
+class DeviceDisconnected(DriverError):
+    """The link to the device is gone: the session ends and the driver reconnects with back-off."""
+
+
+class Backoff:
+    """Jittered exponential back-off between `low` and `high` seconds.
+
+    Jitter keeps many devices that failed together (a switch reboot) from reconnecting in lockstep.
+    """
+
+    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
+        self.low = max(0.01, low)
+        self.high = max(self.low, high)
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.high, self.low * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return self._rng.uniform(max(self.low, ceiling / 2), ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth, reconnect_min: float,
+                    reconnect_max: float) -> None:
+    """Run `session` forever; after it fails, wait a jittered back-off and start it again.
+
+    The back-off restarts from `reconnect_min` once a session has had a successful exchange, so a
+    device that drops once after a week reconnects quickly.
+    """
+    backoff = Backoff(reconnect_min, reconnect_max)
+    while True:
+        last_ok = health.last_ok
+        try:
+            await session()
+            raise DeviceDisconnected("session ended")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing device must never stop the daemon
+            health.error(exc, disconnected=True)
+        if health.last_ok != last_ok:
+            backoff.reset()
+        await asyncio.sleep(backoff.next())
+
+
+async def every(interval: float, poll: Callable[[], Awaitable[None]], health: DeviceHealth) -> None:
+    """Call `poll` on a fixed tick grid. A poll still running at the next tick skips that tick.
+
+    Polls run one after another, so they never pile up; each tick that passed while a poll was
+    still running is counted as a missed poll deadline.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tick = 0
+    while True:
+        await poll()
+        now = loop.time()
+        if interval <= 0:
+            await asyncio.sleep(0)
+            continue
+        due = int((now - start) // interval) + 1
+        for _ in range(max(0, due - tick - 1)):
+            health.missed_poll()
+        tick = max(tick + 1, due)
+        await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))

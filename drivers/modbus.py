@@ -1,0 +1,434 @@
+"""Modbus TCP and RTU (pymodbus 3.x).
+
+Tags of one device are planned into as few read requests as the protocol allows; the decoder is
+a pure function of the registers read. Devices on one serial line share one `SerialBus`: one
+client, one lock, and the silent interval between frames that RTU needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise
+from gateway import logs
+from gateway.health import DeviceHealth
+from gateway.model import Quality, Sample
+from gateway.schema import Duration, Name, StrictModel
+
+log = logs.get("drivers.modbus")
+
+Table = Literal["coil", "discrete", "holding", "input"]
+DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"]
+Order = Literal["big", "little"]
+
+MAX_REGISTERS = 125  # per read request, Modbus application protocol v1.1b3 §6.3
+MAX_BITS = 2000
+
+# struct code and width in registers of every numeric type
+_FORMATS: dict[str, tuple[str, int]] = {
+    "int16": ("h", 1), "uint16": ("H", 1),
+    "int32": ("i", 2), "uint32": ("I", 2),
+    "int64": ("q", 4), "uint64": ("Q", 4),
+    "float32": ("f", 2), "float64": ("d", 4),
+}
+_BIT_TABLES = ("coil", "discrete")
+
+
+class ModbusError(DriverError):
+    """The device answered with a Modbus exception or did not answer one request."""
+
+
+class ModbusTag(StrictModel):
+    name: Name
+    table: Table = "holding"
+    address: int = Field(ge=0, le=65535)  # zero-based, as on the wire
+    type: DataType = "uint16"
+    count: int | None = Field(None, ge=1, le=MAX_REGISTERS)  # registers of a string (2 chars each)
+    byte_order: Order = "big"
+    word_order: Order = "big"  # big: most significant register first
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModbusTag":
+        bit_table = self.table in _BIT_TABLES
+        if bit_table != (self.type == "bool"):
+            raise ValueError("coil and discrete tables hold type bool; bool lives only in coil or discrete")
+        if self.type == "string" and self.count is None:
+            raise ValueError("type string needs count (registers, two characters each)")
+        if self.address + self.width - 1 > 65535:
+            raise ValueError("tag runs past address 65535")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Registers (or bits for coil/discrete) the tag occupies."""
+        if self.type == "bool":
+            return 1
+        if self.type == "string":
+            return self.count or 1
+        return _FORMATS[self.type][1]
+
+
+class SerialConfig(StrictModel):
+    port: str
+    baudrate: int = Field(19200, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+    def char_time(self) -> float:
+        """Seconds per character on the wire: start bit + data + parity + stop bits."""
+        bits = 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
+        return bits / self.baudrate
+
+    def inter_frame_gap(self) -> float:
+        # Above 19200 baud the spec fixes t3.5 at 1.75 ms instead of scaling it down.
+        return 0.00175 if self.baudrate > 19200 else 3.5 * self.char_time()
+
+
+class ModbusConfig(DeviceConfig):
+    driver: Literal["modbus"]
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    serial: SerialConfig | None = None
+    unit_id: int = Field(1, ge=0, le=255)
+    poll_interval: Duration = 1.0
+    retries: int = Field(0, ge=0, le=5)
+    max_gap: int = Field(8, ge=0, le=MAX_REGISTERS)  # unused registers a merged read may span
+    max_bit_gap: int = Field(64, ge=0, le=MAX_BITS)
+    max_registers: int = Field(MAX_REGISTERS, ge=1, le=MAX_REGISTERS)  # some devices accept fewer
+    max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
+    tags: list[ModbusTag] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModbusConfig":
+        if self.transport == "rtu" and self.serial is None:
+            raise ValueError("transport rtu needs serial: {port, baudrate, parity, stopbits, bytesize}")
+        names = [t.name for t in self.tags]
+        if len(names) != len(set(names)):
+            raise ValueError("tag names must be unique within a device")
+        for tag in self.tags:
+            limit = self.max_bits if tag.table in _BIT_TABLES else self.max_registers
+            if tag.width > limit:
+                raise ValueError(f"tag {tag.name} is wider than one request ({limit})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: decoding and request planning
+
+
+def registers_to_bytes(registers: Sequence[int], byte_order: Order = "big", word_order: Order = "big") -> bytes:
+    """The bytes of a value spread over registers, most significant first."""
+    regs = list(registers) if word_order == "big" else list(reversed(registers))
+    return b"".join(int(r).to_bytes(2, byte_order) for r in regs)
+
+
+def bytes_to_registers(data: bytes, byte_order: Order = "big", word_order: Order = "big") -> list[int]:
+    regs = [int.from_bytes(data[i:i + 2], byte_order) for i in range(0, len(data), 2)]
+    return regs if word_order == "big" else list(reversed(regs))
+
+
+def decode(registers: Sequence[int], type: str, byte_order: Order = "big", word_order: Order = "big") -> int | float | str:
+    """Registers as the device sent them -> the raw value (before scale and offset).
+
+    For strings the word order is not applied: characters are stored in address order.
+    """
+    if type == "string":
+        data = registers_to_bytes(registers, byte_order, "big")
+        return data.split(b"\x00", 1)[0].decode("latin-1").rstrip()
+    code, width = _FORMATS[type]
+    if len(registers) != width:
+        raise ValueError(f"{type} needs {width} registers, got {len(registers)}")
+    return struct.unpack(">" + code, registers_to_bytes(registers, byte_order, word_order))[0]
+
+
+def encode(value: int | float | str, type: str, byte_order: Order = "big", word_order: Order = "big",
+           count: int | None = None) -> list[int]:
+    """The inverse of `decode`, used by the simulator and by tests."""
+    if type == "string":
+        data = str(value).encode("latin-1")[: 2 * (count or 1)].ljust(2 * (count or 1), b"\x00")
+        return bytes_to_registers(data, byte_order, "big")
+    code, _ = _FORMATS[type]
+    return bytes_to_registers(struct.pack(">" + code, value), byte_order, word_order)
+
+
+def scaled(raw: int | float | str | bool, tag: ModbusTag) -> int | float | str | bool:
+    if isinstance(raw, (bool, str)) or (tag.scale == 1.0 and tag.offset == 0.0):
+        return raw
+    return raw * tag.scale + tag.offset
+
+
+@dataclass
+class ReadRequest:
+    """One read request and the tags it serves, each at an offset into the response."""
+
+    table: Table
+    address: int
+    count: int
+    tags: list[tuple[ModbusTag, int]] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count
+
+
+def plan_reads(tags: Sequence[ModbusTag], *, max_gap: int = 8, max_bit_gap: int = 64,
+               max_registers: int = MAX_REGISTERS, max_bits: int = MAX_BITS) -> list[ReadRequest]:
+    """Merge the tags of one device into as few requests as the limits allow.
+
+    Two tags share a request when the unused span between them is at most the gap and the
+    merged request stays within the protocol limit. Overlapping tags (a register read as two
+    types) share the same read.
+    """
+    requests: list[ReadRequest] = []
+    for table in ("coil", "discrete", "holding", "input"):
+        bits = table in _BIT_TABLES
+        gap, limit = (max_bit_gap, max_bits) if bits else (max_gap, max_registers)
+        current: ReadRequest | None = None
+        for tag in sorted((t for t in tags if t.table == table), key=lambda t: (t.address, t.width)):
+            tag_end = tag.address + tag.width
+            if current is not None and tag.address - current.end <= gap and tag_end - current.address <= limit:
+                current.count = max(current.count, tag_end - current.address)
+            else:
+                current = ReadRequest(table, tag.address, tag.width)
+                requests.append(current)
+            current.tags.append((tag, tag.address - current.address))
+    return requests
+
+
+def decode_request(request: ReadRequest, values: Sequence[int] | Sequence[bool]) -> list[tuple[ModbusTag, Any, str | None]]:
+    """(tag, value, problem) for every tag of a request, given the registers or bits read."""
+    out: list[tuple[ModbusTag, Any, str | None]] = []
+    for tag, off in request.tags:
+        try:
+            if tag.type == "bool":
+                value: Any = bool(values[off])
+            else:
+                value = scaled(decode(values[off:off + tag.width], tag.type, tag.byte_order, tag.word_order), tag)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append((tag, None, f"{tag.name}: not a finite number"))
+            else:
+                out.append((tag, value, None))
+        except (ValueError, IndexError, struct.error) as exc:
+            out.append((tag, None, f"{tag.name}: {exc}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Links: who owns the client and serialises access
+
+
+Reader = Callable[[Any], Awaitable[Any]]
+
+
+class TcpLink:
+    """One TCP connection per device; pymodbus already serialises requests on it."""
+
+    def __init__(self, cfg: ModbusConfig) -> None:
+        # reconnect_delay=0: pymodbus must not reconnect behind our back; `supervise` does it.
+        self.client = AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
+                                           reconnect_delay=0, name=f"modbus-{cfg.name}")
+
+    async def open(self) -> None:
+        try:
+            connected = await self.client.connect()
+        except (OSError, ModbusException) as exc:
+            raise DeviceDisconnected(f"connect failed: {exc}") from None
+        if not connected:
+            raise DeviceDisconnected("connect failed")
+
+    async def exchange(self, read: Reader) -> Any:
+        if not self.client.connected:
+            raise DeviceDisconnected("connection lost")
+        return await read(self.client)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class SerialBus:
+    """The single owner of one serial port, shared by every device on that RS-485 line.
+
+    Instances live in the class-level `_buses` WeakValueDictionary keyed by (port, event loop): it
+    is the one piece of shared state, because devices are built independently from config yet
+    must share the port. The bus closes when its last device lets go of it.
+    """
+
+    _buses: "weakref.WeakValueDictionary[tuple[str, int], SerialBus]" = weakref.WeakValueDictionary()
+
+    def __init__(self, serial: SerialConfig, timeout: float, retries: int) -> None:
+        self.settings = serial
+        self.gap = serial.inter_frame_gap()
+        self.lock = asyncio.Lock()
+        self.requests = 0
+        self._users = 0
+        self.client = AsyncModbusSerialClient(serial.port, framer=FramerType.RTU, baudrate=serial.baudrate,
+                                              bytesize=serial.bytesize, parity=serial.parity,
+                                              stopbits=serial.stopbits, timeout=timeout, retries=retries,
+                                              reconnect_delay=0, name=f"rtu-{serial.port}")
+
+    @classmethod
+    def for_port(cls, serial: SerialConfig, timeout: float, retries: int) -> "SerialBus":
+        key = (serial.port, id(asyncio.get_running_loop()))
+        bus = cls._buses.get(key)
+        if bus is None:
+            bus = cls(serial, timeout, retries)
+            cls._buses[key] = bus
+        elif bus.settings != serial:
+            log.warning("modbus.serial_settings_differ", port=serial.port, used=bus.settings.model_dump())
+        return bus
+
+    async def open(self) -> None:
+        async with self.lock:
+            self._users += 1
+            if self.client.connected:
+                return
+            try:
+                connected = await self.client.connect()
+            except (OSError, ModbusException) as exc:
+                raise DeviceDisconnected(f"cannot open {self.settings.port}: {exc}") from None
+            if not connected:
+                raise DeviceDisconnected(f"cannot open {self.settings.port}")
+
+    async def exchange(self, read: Reader) -> Any:
+        async with self.lock:
+            if not self.client.connected:
+                raise DeviceDisconnected(f"{self.settings.port} is closed")
+            try:
+                return await read(self.client)
+            finally:
+                self.requests += 1
+                # The line must stay silent for t3.5 before the next frame, whoever sends it.
+                await asyncio.sleep(self.gap)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def close(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0:
+            self.client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+_READS = {
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+}
+
+
+class ModbusDriver:
+    def __init__(self, config: ModbusConfig, health: DeviceHealth) -> None:
+        self.config = config
+        self.health = health
+        self.plan = plan_reads(config.tags, max_gap=config.max_gap, max_bit_gap=config.max_bit_gap,
+                               max_registers=config.max_registers, max_bits=config.max_bits)
+        self.health.extra["requests_per_poll"] = len(self.plan)
+
+    async def run(self, emit: Emit) -> None:
+        await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
+                        self.config.reconnect_max)
+
+    def _link(self) -> TcpLink | SerialBus:
+        cfg = self.config
+        if cfg.transport == "rtu":
+            assert cfg.serial is not None
+            return SerialBus.for_port(cfg.serial, cfg.timeout, cfg.retries)
+        return TcpLink(cfg)
+
+    async def _session(self, emit: Emit) -> None:
+        link = self._link()
+        try:
+            await link.open()
+            try:
+                await every(self.config.poll_interval, lambda: self.poll(link, emit), self.health)
+            except DeviceDisconnected:
+                # Consumers must see that the values stopped being true, once per outage.
+                now = time.time()
+                for tag in self.config.tags:
+                    await emit(Sample(f"{self.config.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                raise
+        finally:
+            link.close()
+
+    async def _read(self, link: TcpLink | SerialBus, request: ReadRequest) -> Sequence[int] | Sequence[bool]:
+        method = _READS[request.table]
+        unit = self.config.unit_id
+
+        async def read(client: Any) -> Any:
+            return await getattr(client, method)(request.address, count=request.count, device_id=unit)
+
+        try:
+            response = await link.exchange(read)
+        except DriverError:
+            raise
+        except ModbusException as exc:
+            if not link.connected:
+                raise DeviceDisconnected(str(exc)) from None
+            raise ModbusError(f"no answer to {request.table}@{request.address}+{request.count}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise DeviceDisconnected(f"{type(exc).__name__}: {exc}") from None
+        if response.isError():
+            raise ModbusError(f"exception code {response.exception_code} for "
+                              f"{request.table}@{request.address}+{request.count}")
+        return response.bits[: request.count] if request.table in _BIT_TABLES else response.registers
+
+    async def poll(self, link: TcpLink | SerialBus, emit: Emit) -> None:
+        """One pass over the read plan. A failed request marks only its own tags bad."""
+        device = self.config.name
+        for request in self.plan:
+            started = time.monotonic()
+            try:
+                values = await self._read(link, request)
+            except ModbusError as exc:
+                now = time.time()
+                self.health.bad_value(str(exc), key=f"read:{request.table}@{request.address}")
+                for tag, _ in request.tags:
+                    await emit(Sample(f"{device}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                if "no answer" in str(exc):
+                    self.health.error(exc)
+                continue
+            now = time.time()
+            self.health.good_value(key=f"read:{request.table}@{request.address}")
+            self.health.ok((time.monotonic() - started) * 1000.0, now=now)
+            for tag, value, problem in decode_request(request, values):
+                if problem is not None:
+                    self.health.bad_value(problem, key=f"tag:{tag.name}")
+                    await emit(Sample(f"{device}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                else:
+                    self.health.good_value(key=f"tag:{tag.name}")
+                    await emit(Sample(f"{device}.{tag.name}", value, now, Quality.GOOD, tag.unit))
+
+
+def _factory(config: DeviceConfig, health: DeviceHealth) -> ModbusDriver:
+    assert isinstance(config, ModbusConfig)
+    return ModbusDriver(config, health)
+
+
+register("modbus", ModbusConfig, _factory)
