@@ -1,0 +1,119 @@
+"""Throughput of the full vibration feature set beside bare numpy.fft.rfft of the same windows.
+
+    .venv/bin/python bench/bench_analytics.py [--seconds 0.6] [--batch 8]
+
+One core: BLAS and scipy.fft are kept to one thread, so "channels per core" means what it says.
+For each window length (4,096 / 16,384 / 65,536 samples) it times, interleaved and best-of:
+  bare rfft  numpy.fft.rfft of one window at a time (the issue's reference), and of the same
+             windows as one 2-D call (what batching can reach);
+  features   gateway.analytics.vibration.compute on one window at a time (all features:
+             rms ... skewness, velocity_rms, spectrum with 5 peaks and 2 bands, envelope with
+             4 defect orders x 3 harmonics), and compute_batch on `--batch` windows at once.
+The ratio is features throughput / bare rfft throughput (target at 16,384: >= 0.25).
+Real-time capacity: feature samples/s divided by 25,600 samples/s per channel.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway.analytics.vibration import FeatureSpec, compute, compute_batch, make_plan  # noqa: E402
+
+FS = 25600.0
+SIZES = (4096, 16384, 65536)
+SPEC = FeatureSpec(
+    features=frozenset(["rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness",
+                        "velocity_rms", "spectrum", "envelope"]),
+    velocity_band=(10.0, 1000.0), peaks=5, bands=((10.0, 1000.0), (1000.0, 5000.0)),
+    envelope_band=(2000.0, 5000.0),
+    orders=(("bpfo", 3.5848), ("bpfi", 5.4152), ("bsf", 2.357), ("ftf", 0.39828)),
+    shaft_hz=29.93,
+)
+
+
+def signals(m: int, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / FS
+    base = (1 + 0.5 * np.cos(2 * np.pi * 107.3 * t)) * np.sin(2 * np.pi * 3500 * t)
+    return base + rng.normal(0, 0.3, (m, n))
+
+
+def best_rate(fn, windows: int, seconds: float) -> float:
+    """Windows per second, best of repeated timed runs within `seconds`."""
+    fn()  # warm caches, plans and FFT twiddles
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = max(best, windows / dt)
+        if time.perf_counter() > deadline:
+            return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=0.6, help="time per measurement")
+    ap.add_argument("--batch", type=int, default=8, help="windows per compute_batch call")
+    args = ap.parse_args()
+    print(f"numpy {np.__version__}, fs {FS:.0f} Hz, one core, best of repeated runs "
+          f"({args.seconds}s per measurement)")
+    hdr = (f"{'window':>7} | {'rfft 1-D':>12} {'rfft 2-D':>12} | {'features':>12} {'Msamp/s':>8} "
+           f"{'ratio':>6} {'ch@25.6k':>8} | {'batch':>12} {'Msamp/s':>8} {'ratio2D':>7} {'ch@25.6k':>8}")
+    print(hdr)
+    print(f"{'':>7} | {'windows/s':>12} {'windows/s':>12} | {'windows/s':>12} {'':>8} {'':>6} {'':>8} |"
+          f" {'windows/s':>12}")
+    t_start = time.perf_counter()
+    summary = {}
+    for n in SIZES:
+        m = args.batch
+        X = signals(m, n)
+        plan = make_plan(SPEC, n, FS)
+        rows = list(X)
+
+        def bare_1d():
+            for x in rows:
+                np.fft.rfft(x)
+
+        def bare_2d():
+            np.fft.rfft(X, axis=-1)
+
+        def feats_1d():
+            for x in rows:
+                compute(x, plan, 29.93)
+
+        def feats_2d():
+            compute_batch(X, plan, 29.93)
+
+        r1 = best_rate(bare_1d, m, args.seconds)
+        r2 = best_rate(bare_2d, m, args.seconds)
+        f1 = best_rate(feats_1d, m, args.seconds)
+        f2 = best_rate(feats_2d, m, args.seconds)
+        summary[n] = (r1, f1, f2)
+        print(f"{n:>7} | {r1:>12.0f} {r2:>12.0f} | {f1:>12.0f} {f1 * n / 1e6:>8.1f} {f1 / r1:>6.2f} "
+              f"{f1 * n / FS:>8.0f} | {f2:>12.0f} {f2 * n / 1e6:>8.1f} {f2 / r2:>7.2f} {f2 * n / FS:>8.0f}")
+    r1, f1, f2 = summary[16384]
+    print()
+    print(f"16,384-sample windows: features {f1 * 16384 / 1e6:.1f} M samples/s one window at a time "
+          f"({f1 / r1:.2f} x bare rfft {r1 * 16384 / 1e6:.1f} M samples/s; target >= 0.25), "
+          f"{f2 * 16384 / 1e6:.1f} M samples/s batched ({f2 / r1:.2f} x bare 1-D rfft).")
+    print(f"Real-time capacity on one core: {f1 * 16384 / FS:.0f} channels at 25.6 kHz "
+          f"({f2 * 16384 / FS:.0f} batched).")
+    print(f"(bench took {time.perf_counter() - t_start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
