@@ -32,18 +32,18 @@ SCALAR_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "s
 
 
 class GatewaySection(StrictModel):
-    id: Name
-    state_dir: Path = Path("/var/lib/edge-gateway")
+    id: Name = Field(description="[A-Za-z0-9_-]+, unique per site; in every topic and payload")
+    state_dir: Path = Field(Path("/var/lib/edge-gateway"), description="holds the buffer; must be writable")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON lines without a TTY (systemd), console text on a TTY")
 
 
 class UpstreamConfig(BrokerConfig):
-    topic_prefix: str = "edge/{gateway_id}"
-    max_inflight: int = Field(100, ge=1, le=65535)
-    health_interval: Duration = Field(10.0, gt=0)
-    batch: int = Field(500, ge=1, le=10000)  # rows read from the buffer per query
-    refused_retry: Duration = Field(60.0, gt=0)  # how long a refused record waits before it is tried again
+    topic_prefix: str = Field("edge/{gateway_id}", description="start of every topic; {gateway_id} is replaced")
+    max_inflight: int = Field(100, ge=1, le=65535, description="QoS 1 messages on the wire awaiting PUBACK")
+    health_interval: Duration = Field(10.0, gt=0, description="period of the health topic")
+    batch: int = Field(500, ge=1, le=10000, description="rows read from the buffer per query")
+    refused_retry: Duration = Field(60.0, gt=0, description="a record the broker refused waits this long before it is tried again")
 
     @model_validator(mode="after")
     def _secret_readable(self) -> "UpstreamConfig":
@@ -55,9 +55,9 @@ class UpstreamConfig(BrokerConfig):
 
 
 class BufferConfig(StrictModel):
-    path: Path = Path("buffer.db")
-    max_bytes: ByteSize = Field(1 << 30, ge=1 << 16)
-    durability: Literal["normal", "full"] = "normal"
+    path: Path = Field(Path("buffer.db"), description="relative to gateway.state_dir")
+    max_bytes: ByteSize = Field(1 << 30, ge=1 << 16, description="when full, oldest data goes first, alarms last; every drop is counted")
+    durability: Literal["normal", "full"] = Field("normal", description="normal: WAL + synchronous=NORMAL; full: synchronous=FULL (fsync per commit)")
 
 
 def _device_union() -> Any:

@@ -87,10 +87,10 @@ def tagged_union(models: list[type[BaseModel]], tag: str) -> Any:
 class TlsConfig(StrictModel):
     """TLS towards a broker. Any of these set means TLS; there is no fallback to plaintext."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure_skip_verify: bool = False  # for a lab only: checks the chain but not the host name
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker certificate (PEM)")
+    cert_file: Path | None = Field(None, description="client certificate (PEM), for brokers that require one")
+    key_file: Path | None = Field(None, description="private key of cert_file (PEM)")
+    insecure_skip_verify: bool = Field(False, description="lab only: check the chain but not the host name")
 
     @property
     def enabled(self) -> bool:
@@ -100,17 +100,17 @@ class TlsConfig(StrictModel):
 class BrokerConfig(StrictModel):
     """How to reach an MQTT broker: used by `upstream:` and by the `mqtt` driver."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    protocol: Annotated[str, BeforeValidator(lambda v: str(v))] = Field("5", pattern=r"^(5|3\.1\.1)$")
-    client_id: str | None = None
+    host: str = Field("127.0.0.1", description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="8883 is usual with TLS")
+    protocol: Annotated[str, BeforeValidator(lambda v: str(v))] = Field("5", pattern=r"^(5|3\.1\.1)$", description="MQTT version: 5 or 3.1.1")
+    client_id: str | None = Field(None, description="default: the gateway id (upstream) or gateway id + device name")
     username: str | None = None
-    password: str | None = Field(None, repr=False)
-    password_file: Path | None = None
-    tls: TlsConfig = Field(default_factory=TlsConfig)
+    password: str | None = Field(None, repr=False, description="prefer password_file or an environment variable")
+    password_file: Path | None = Field(None, description="file holding the password (trailing newline ignored)")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="any file set here turns TLS on; never falls back to plaintext")
     keepalive: Duration = 30.0
-    reconnect_min: Duration = 0.5
-    reconnect_max: Duration = 10.0
+    reconnect_min: Duration = Field(0.5, description="first reconnect delay; doubles, with jitter, per failure")
+    reconnect_max: Duration = Field(10.0, description="reconnect back-off grows to this at most")
 
     def resolved_password(self) -> str | None:
         return self.password if self.password is not None else read_secret(self.password_file)
