@@ -43,7 +43,7 @@ Records carry the sample's own timestamp when a sample caused them, the clock's 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway import logs
@@ -475,10 +475,6 @@ def _settle_removed(alarm: Alarm, now: float) -> Record:
                    message=f"rule {payload.get('parent', alarm.name)} removed from the configuration")
     payload.pop("previous_severity", None)
     return Record(topic=f"alarms/{alarm.name}", payload=payload, ts=now, kind="alarm", retain=True)
-
-
-def active_names(alarms: Iterable[Alarm]) -> list[str]:
-    return [a.name for a in alarms if a.active]
 
 
 __all__ = ["Alarm", "AlarmHandler", "AlarmRule", "Handler", "RuleEngine", "alarm_factory", "fmt"]
