@@ -2,3 +2,4 @@
 
 from drivers import base  # noqa: F401
 from drivers import modbus  # noqa: F401
+from drivers import mqtt  # noqa: F401
