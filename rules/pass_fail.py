@@ -3,7 +3,8 @@
     {name: voltage_test, type: pass_fail, input: tester.voltage, low: 80, high: 90}
 
 Every good value gives one `events/{rule}` record: `result` PASS (low <= value <= high, limits
-inclusive, either may be omitted) or FAIL, with the value and the limits. A bad-quality or
+inclusive, either may be omitted) or FAIL, with the value and the limits (with `emit: change`,
+only a value that differs from the previous good one). A bad-quality or
 non-numeric value is not a test result: it gives no event (no made-up verdict) and is counted
 as `invalid`. Running counts (pass, fail, invalid, yield) are in `health` and survive restarts.
 """
@@ -23,6 +24,9 @@ class PassFailConfig(RuleConfig):
     type: Literal["pass_fail"]
     low: FiniteFloat | None = None
     high: FiniteFloat | None = None
+    # `change`: a polled tester register repeats the last result on every poll; judge a value
+    # only when it differs from the previous good one (one result per part).
+    emit: Literal["every", "change"] = "every"
 
     @model_validator(mode="after")
     def _limits(self) -> "PassFailConfig":
@@ -41,6 +45,7 @@ class PassFailHandler:
         self.passed = 0
         self.failed = 0
         self.invalid = 0
+        self.previous: float | None = None
 
     def bind(self, now: float, device_tags: dict[str, list[str]]) -> None:
         pass
@@ -57,10 +62,14 @@ class PassFailHandler:
     def on_sample(self, s: Sample, now: float) -> list[Record]:
         cfg = self.config
         value = numeric(s.value) if s.good else None
-        self.dirty = True
         if value is None:
             self.invalid += 1
+            self.dirty = True
             return []
+        if cfg.emit == "change" and value == self.previous:
+            return []
+        self.previous = value
+        self.dirty = True
         if cfg.low is not None and value < cfg.low:
             result, reason = "FAIL", "below low"
         elif cfg.high is not None and value > cfg.high:

@@ -55,3 +55,10 @@ def test_counts_survive_a_restart():
     b.sample("tester.voltage", 85)
     assert b.engine.health()["pass_fail"]["voltage_test"]["pass"] == 3
     assert b.records[-1].payload["count"] == 4
+
+
+def test_emit_change_judges_a_polled_register_once_per_new_value():
+    b = Bench(voltage(emit="change"))
+    for v in (85, 85, 85, 95, 95, None, 95, 86):
+        b.sample("tester.voltage", v, Quality.GOOD if v is not None else Quality.BAD)
+    assert states(b.records) == ["PASS", "FAIL", "PASS"]
