@@ -356,11 +356,13 @@ class RuleEngine:
                 self._by_device.setdefault(device, []).append(handler)
 
         self._deleted: set[str] = set()
-        self._removed: list[Alarm] = []  # alarms of rules gone from the config, to settle
+        # Alarms gone from the config, to settle on the first tick, with the handler (if any)
+        # whose persisted state must then be rewritten without them.
+        self._removed: list[tuple[Alarm, Handler | None]] = []
         for name, state in (restored or {}).items():
             handler = self._by_name.get(name)
             if handler is None:
-                self._removed += _orphans(name, state)
+                self._removed += [(a, None) for a in _orphans(name, state, keep=set())]
                 self._deleted.add(name)
                 continue
             try:
@@ -368,6 +370,10 @@ class RuleEngine:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # A state we cannot read must not stop the gateway; the rule starts fresh.
                 log.warning("rules.restore_failed", rule=name, error=str(exc))
+            # A rule whose new config no longer has one of its old alarms (companion turned
+            # off, type changed) must not leave that alarm raised on the broker.
+            kept = {a.name for a in handler.alarms()}
+            self._removed += [(a, handler) for a in _orphans(name, state, keep=kept)]
 
     # --- what the core calls ---------------------------------------------------------------
 
@@ -389,9 +395,11 @@ class RuleEngine:
         """Time-driven transitions: `for` / `clear_for` completion, stale, bad input."""
         now = self._clock()
         out: list[Record] = []
-        if self._removed:
-            out += [_settle_removed(alarm, now) for alarm in self._removed]
-            self._removed = []
+        for alarm, owner in self._removed:
+            out.append(_settle_removed(alarm, now))
+            if owner is not None:
+                owner.dirty = True
+        self._removed = []
         for handler in self._handlers:
             out += handler.tick(now)
         return out
@@ -450,12 +458,12 @@ class RuleEngine:
         return [h.name for h in self._handlers]
 
 
-def _orphans(name: str, state: dict[str, Any]) -> list[Alarm]:
-    """The alarms of a removed rule that are still active upstream."""
+def _orphans(name: str, state: dict[str, Any], keep: set[str]) -> list[Alarm]:
+    """The alarms in a restored state, not among `keep`, that are still active upstream."""
     out = []
     for key, alarm_name in (("alarm", name), ("bad_input", f"{name}.bad_input")):
         part = state.get(key) if isinstance(state, dict) else None
-        if not part:
+        if not part or alarm_name in keep:
             continue
         alarm = Alarm(alarm_name, input="")
         try:

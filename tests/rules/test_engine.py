@@ -157,3 +157,27 @@ def test_routing_and_inputs():
     assert sorted(r.topic for r in out) == ["alarms/second", MAIN]
     assert b.sample("nobody.listens", 1.0) == []
     assert b.engine.rule_names() == ["spindle_overtemp", "second", "zone"]
+
+
+def test_an_alarm_the_new_config_no_longer_has_is_cleared_once():
+    b = Bench(overtemp())
+    b.run(30)
+    assert b.states(BAD) == ["raised"]
+    b.restart((overtemp(bad_input_alarm=False),))
+    b.run(1)
+    b.restart((overtemp(bad_input_alarm=False),))
+    b.run(1)
+    assert b.states(BAD) == ["raised", "cleared"]
+    assert b.db["spindle_overtemp"]["bad_input"] is None
+
+
+def test_a_rule_that_changed_type_clears_its_old_alarm():
+    b = Bench(overtemp())
+    b.sample("press1.temperature", 90.0)
+    b.restart(({"name": "spindle_overtemp", "type": "pass_fail", "input": "press1.temperature",
+                "low": 0},))
+    b.run(1)
+    b.restart()
+    b.run(1)
+    assert b.states(MAIN) == ["raised", "cleared"]
+    assert "alarm" not in b.db["spindle_overtemp"]
