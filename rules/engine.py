@@ -55,7 +55,6 @@ from rules.base import (
     RuleConfig,
     Severity,
     Verdict,
-    fmt,
     numeric,
 )
 
@@ -485,4 +484,4 @@ def _settle_removed(alarm: Alarm, now: float) -> Record:
     return Record(topic=f"alarms/{alarm.name}", payload=payload, ts=now, kind="alarm", retain=True)
 
 
-__all__ = ["Alarm", "AlarmHandler", "AlarmRule", "Handler", "RuleEngine", "alarm_factory", "fmt"]
+__all__ = ["Alarm", "AlarmHandler", "AlarmRule", "Handler", "RuleEngine", "alarm_factory"]
