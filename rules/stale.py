@@ -36,8 +36,8 @@ class StaleConfig(RuleConfig):
         return self
 
     def inputs(self) -> list[str]:
-        # A whole device is matched by device name, not by a tag list (see `devices`).
-        return [self.input] if self.input else []
+        # A whole device is named bare (no dot): the core's input check accepts a device name.
+        return [self.input or self.device]  # type: ignore[list-item]
 
     @property
     def watched(self) -> str:

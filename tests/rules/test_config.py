@@ -112,9 +112,9 @@ def test_other_validation():
         configs({"name": "bad.name", "type": "downtime", "input": "a.b"})
 
 
-def test_stale_on_a_device_has_no_tag_inputs():
+def test_stale_on_a_device_names_the_device_as_its_input():
     (config,) = configs({"name": "s", "type": "stale", "device": "press1", "after": "30s"})
-    assert config.inputs() == [] and config.device == "press1"
+    assert config.inputs() == ["press1"] and config.device == "press1"
 
 
 def test_bad_input_delay_defaults_to_the_longer_of_for_and_30s():
