@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 
 from gateway import __version__, logs
+
+DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"  # kept here so parsing arguments imports nothing heavy
 
 
 def _load(path: str):
@@ -93,14 +97,12 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gateway.config import default_path
-
     parser = argparse.ArgumentParser(prog="edge-gateway", description="Industrial IoT edge gateway")
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", default=default_path(),
+        p.add_argument("-c", "--config", default=os.environ.get("EDGE_GATEWAY_CONFIG") or DEFAULT_CONFIG,
                        help="main YAML file (default: $EDGE_GATEWAY_CONFIG or /etc/edge-gateway/gateway.yaml)")
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
@@ -135,8 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_signals() -> None:
+    """Until the event loop installs its handlers, a stop request is a clean exit (nothing has
+    started yet) and a reload request is ignored, instead of the default: death by signal."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "demo"):
+        _early_signals()
     return int(args.func(args) or 0)
 
 

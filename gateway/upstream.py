@@ -1,6 +1,6 @@
 """The upstream MQTT link: drains the buffer to the broker, deleting only what was acknowledged.
 
-paho-mqtt 2.x runs its network loop in its own thread (`loop_start`); every callback is handed
+paho-mqtt 2.x runs its network loop in a thread of ours (one per connection); every callback is handed
 to the asyncio loop with `call_soon_threadsafe`, so all state here is touched by one thread.
 Because a callback is only processed after the current loop step, a PUBACK can never be
 handled before `publish()` returned and its message id was registered.
@@ -15,6 +15,7 @@ import asyncio
 import json
 import random
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -177,7 +178,10 @@ class Upstream:
             await loop.run_in_executor(None, lambda: client.connect(**connect_kwargs(self.cfg)))
         except Exception as exc:  # noqa: BLE001 - every connect failure is reported the same way
             raise UpstreamError(describe_connect_error(exc)) from None
-        client.loop_start()
+        halt = threading.Event()
+        network = threading.Thread(target=self._network, args=(client, halt, loop, lost),
+                                   name="upstream.network", daemon=True)
+        network.start()
         try:
             try:
                 rc = await asyncio.wait_for(asyncio.shield(connected), timeout=max(5.0, self.cfg.keepalive))
@@ -207,7 +211,20 @@ class Upstream:
             self.connected = False
             self._client = None
             self._flush(acked, refused)
-            await loop.run_in_executor(None, client.loop_stop)
+            halt.set()
+            await loop.run_in_executor(None, network.join, 5.0)
+            client.disconnect()  # no-op when already gone; never leave a socket behind
+
+    @staticmethod
+    def _network(client: mqtt.Client, halt: threading.Event, loop: asyncio.AbstractEventLoop,
+                 lost: asyncio.Future) -> None:
+        """paho's network loop for one connection, without paho's own reconnect: a lost link
+        ends the session and the outer loop makes a fresh client, so no stale socket lingers."""
+        rc = mqtt.MQTT_ERR_SUCCESS
+        while not halt.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = client.loop(timeout=0.2)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            loop.call_soon_threadsafe(lambda: lost.done() or lost.set_result(mqtt.error_string(rc)))
 
     def _flush(self, acked: list[Row], refused: list[Row]) -> None:
         if acked:
