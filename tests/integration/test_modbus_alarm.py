@@ -1,0 +1,57 @@
+"""A simulated Modbus temperature crosses a threshold: the retained alarm appears and clears."""
+
+from __future__ import annotations
+
+from drivers.sim.modbus import MachineModel, ModbusSimulator
+from tests.conftest import free_port
+from tests.integration.conftest import running_gateway, until
+
+
+class ControlledMachine(MachineModel):
+    """The simulator's machine, with a temperature the test sets."""
+
+    value = 40.0
+
+    def temperature(self, now: float) -> float:
+        return self.value
+
+
+async def test_threshold_alarm_raises_and_clears_end_to_end(tmp_path, mosquitto, collector_factory, gateway_config):
+    machine = ControlledMachine()
+    port = free_port()
+    sim = await ModbusSimulator(model=machine).start_tcp("127.0.0.1", port)
+    collector = collector_factory(mosquitto, "edge/gw1/#")
+    raw = gateway_config(
+        devices=[{"name": "press1", "driver": "modbus", "host": "127.0.0.1", "port": port, "poll_interval": "200ms",
+                  "tags": [{"name": "temperature", "table": "holding", "address": 0, "type": "float32", "unit": "degC"},
+                           {"name": "running", "table": "coil", "address": 0, "type": "bool"}]}],
+        rules=[{"name": "spindle_overtemp", "type": "threshold", "input": "press1.temperature", "above": 80,
+                "clear": 75, "for": "600ms", "severity": "warning"}],
+    )
+    alarms = lambda: [p for _, p in collector.json("edge/gw1/alarms/spindle_overtemp")]  # noqa: E731
+    try:
+        async with running_gateway(tmp_path, raw):
+            assert await until(lambda: collector.json("edge/gw1/data/press1"), 10)
+            summary = collector.json("edge/gw1/data/press1")[-1][1]
+            t = summary["tags"]["temperature"]
+            assert t["count"] >= 1 and t["unit"] == "degC" and abs(t["mean"] - 40.0) < 1e-3
+            assert t["quality"] == "good" and summary["gateway"] == "gw1" and "seq" in summary
+            assert alarms() == []
+            machine.value = 90.0
+            assert await until(lambda: alarms(), 10), "no alarm after crossing the threshold"
+            raised = alarms()[0]
+            assert raised["state"] == "raised" and raised["severity"] == "warning"
+            assert raised["value"] == 90.0 and raised["limit"] == 80 and raised["input"] == "press1.temperature"
+            machine.value = 78.0  # between clear and raise: hysteresis holds the alarm
+            await until(lambda: len(alarms()) > 1, 1.5)
+            assert len(alarms()) == 1
+            machine.value = 70.0
+            assert await until(lambda: len(alarms()) == 2, 10)
+            assert alarms()[1]["state"] == "cleared"
+        # the last state is retained for a late subscriber
+        late = collector_factory(mosquitto, "edge/gw1/alarms/#")
+        assert late.wait_for(lambda c: c.messages, 5)
+        topic, payload, retained = late.messages[-1]
+        assert retained and b'"cleared"' in payload
+    finally:
+        await sim.stop()
