@@ -42,6 +42,7 @@ ACCEL_UNITS: dict[str, float] = {
     "mm/s2": 1e-3, "mm/s^2": 1e-3, "mm/s²": 1e-3,
 }
 
+_TIME_SET = frozenset(["rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness"])
 SCALAR_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness", "velocity_rms")
 DEFECTS = ("bpfo", "bpfi", "bsf", "ftf")
 
@@ -149,7 +150,7 @@ def make_plan(spec: FeatureSpec, n: int, fs: float) -> Plan:
     weights = np.ascontiguousarray(np.stack(columns, axis=1)) if columns else None
     plan = Plan(
         spec=spec, n=n, fs=fs, df=df, hann=hann,
-        amp_scale=2.0 / hann.sum(),
+        amp_scale=2.0 / float(hann.sum()),
         power_scale=1.0 / (n * float(np.dot(hann, hann))),
         weights=weights, band_count=band_count,
     )
@@ -199,42 +200,49 @@ class PlanCache:
 
 # --------------------------------------------------------------------------- time domain
 
-def time_features(X: np.ndarray) -> dict[str, np.ndarray]:
+def time_features(X: np.ndarray) -> dict[str, list[float]]:
     """rms, peak, peak_to_peak, crest_factor, kurtosis, skewness per row of X (m, n).
 
-    Central moments from one centred copy; batched matmul row dots (BLAS) keep each moment a
-    single pass without a temporary of the product.
+    The O(n) work is vectorised (max, min, sum, one centred copy, three BLAS dot products);
+    the handful of scalars per window is finished in plain Python, which costs less than
+    a dozen NumPy calls on arrays of one element. NaN marks undefined values.
     """
     X = np.atleast_2d(X)
-    n = X.shape[-1]
-    mx = X.max(axis=-1)
-    mn = X.min(axis=-1)
-    mean = np.add.reduce(X, axis=-1) / n
-    d = X - mean[:, None]
+    m, n = X.shape
+    mx = X.max(axis=-1).tolist()
+    mn = X.min(axis=-1).tolist()
+    mean_a = np.add.reduce(X, axis=-1) / n
+    d = X - mean_a[:, None]
     d2 = d * d
-    m2 = _rowdot(d, d) / n
-    m3 = _rowdot(d2, d) / n
-    m4 = _rowdot(d2, d2) / n
-    ms = m2 + mean * mean
-    rms = np.sqrt(ms)
-    peak = np.maximum(mx, -mn)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        crest = np.where(rms > 0, peak / np.where(rms > 0, rms, 1.0), np.nan)
+    m2 = (_rowdot(d, d) / n).tolist()
+    m3 = (_rowdot(d2, d) / n).tolist()
+    m4 = (_rowdot(d2, d2) / n).tolist()
+    out: dict[str, list[float]] = {k: [] for k in ("rms", "peak", "peak_to_peak", "crest_factor",
+                                                   "kurtosis", "skewness", "mean")}
+    nan = math.nan
+    eps16 = 16 * np.finfo(np.float64).eps
+    for r, mean in enumerate(mean_a.tolist()):
+        ms = m2[r] + mean * mean
+        rms = math.sqrt(ms)
+        peak = max(mx[r], -mn[r])
         # A window with (numerically) no variance has no defined shape statistics.
-        defined = m2 > (np.finfo(np.float64).eps * np.maximum(ms, 1e-300)) * 16
-        safe = np.where(defined, m2, 1.0)
-        kurt = np.where(defined, m4 / (safe * safe), np.nan)
-        skew = np.where(defined, m3 / (safe * np.sqrt(safe)), np.nan)
-    return {"rms": rms, "peak": peak, "peak_to_peak": mx - mn, "crest_factor": crest,
-            "kurtosis": kurt, "skewness": skew, "mean": mean}
+        defined = m2[r] > eps16 * ms and m2[r] > 0
+        out["rms"].append(rms)
+        out["peak"].append(peak)
+        out["peak_to_peak"].append(mx[r] - mn[r])
+        out["crest_factor"].append(peak / rms if rms > 0 else nan)
+        out["kurtosis"].append(m4[r] / (m2[r] * m2[r]) if defined else nan)
+        out["skewness"].append(m3[r] / (m2[r] * math.sqrt(m2[r])) if defined else nan)
+        out["mean"].append(mean)
+    return out
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise sum(a*b) via batched matmul (BLAS dot; einsum is ~2x slower here)."""
+    """Row-wise sum(a*b): BLAS dot for one row, batched matmul for several (einsum is ~2x slower)."""
+    if a.shape[0] == 1:
+        return np.array([np.dot(a[0], b[0])])
     return (a[:, None, :] @ b[:, :, None])[:, 0, 0]
 
-
-# --------------------------------------------------------------------------- spectrum
 
 def _power(S: np.ndarray) -> np.ndarray:
     """|S|^2 of a complex array (abs() would take a square root first)."""
@@ -243,16 +251,14 @@ def _power(S: np.ndarray) -> np.ndarray:
     return P
 
 
-def _hann_refine(a0: np.ndarray, al: np.ndarray, ar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hann_refine(a0: float, al: float, ar: float) -> tuple[float, float]:
     """Offset (bins) and amplitude factor of a Hann-windowed sine from a peak bin's magnitude
     a0 and its neighbours' al, ar. For Hann, |X[k+1]|/|X[k]| = (1+d)/(2-d) at tone offset d."""
-    right = ar >= al
-    ratio = np.maximum(ar, al) / np.maximum(a0, np.finfo(np.float64).tiny)
-    d = np.minimum(np.maximum((2.0 * ratio - 1.0) / (ratio + 1.0), 0.0), 0.5)
+    ratio = max(al, ar) / a0 if a0 > 0 else 0.0
+    d = min(max((2.0 * ratio - 1.0) / (ratio + 1.0), 0.0), 0.5)
     # Hann response at offset d (1 at d=0): sinc(d) / (1 - d^2)
-    pd = np.maximum(np.pi * d, 1e-12)
-    gain = np.sin(pd) / pd / (1.0 - d * d)
-    return d * (2.0 * right - 1.0), 1.0 / gain
+    gain = (math.sin(math.pi * d) / (math.pi * d) if d > 1e-12 else 1.0) / (1.0 - d * d)
+    return (d if ar >= al else -d), 1.0 / gain
 
 
 _BLOCK = 32
@@ -284,29 +290,33 @@ def _top_k(cand: np.ndarray, k: int) -> np.ndarray:
     return cc[order][starts[:, None] + np.arange(k)]
 
 
-def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `count` largest local maxima of the power spectrum rows P (m, K) as (hz, amplitude),
-    each (m, count), NaN-padded when a row has fewer maxima."""
+def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> list[list[tuple[float, float]]]:
+    """The `count` largest local maxima of each power spectrum row of P (m, K) as
+    [(hz, amplitude), ...] per row, largest first (fewer when a row has fewer maxima)."""
     m, K = P.shape
     if count <= 0 or K < 3:
-        return np.empty((m, 0)), np.empty((m, 0))
+        return [[] for _ in range(m)]
     c = P[:, 1:-1]
     cand = c * ((c > P[:, :-2]) & (c >= P[:, 2:]))  # 0 where not a local maximum
     k = min(count, cand.shape[1])
     r = np.arange(m)[:, None]
     top = _top_k(cand, k)
-    top = top[r, np.argsort(-cand[r, top], axis=-1)]
     bins = top + 1
-    pw = P[r, bins]
-    mag = np.sqrt(pw)
-    offset, corr = _hann_refine(mag, np.sqrt(P[r, bins - 1]), np.sqrt(P[r, bins + 1]))
-    hz = (bins + offset) * plan.df
-    amp = mag * (plan.amp_scale * corr)
-    invalid = cand[r, top] <= 0
-    if invalid.any():
-        hz[invalid] = np.nan
-        amp[invalid] = np.nan
-    return hz, amp
+    # (m, k, 3) powers of each peak bin and its neighbours, to Python in one go
+    trip = np.sqrt(P[r[..., None], bins[..., None] + np.arange(-1, 2)]).tolist()
+    bins_l = bins.tolist()
+    df, scale = plan.df, plan.amp_scale
+    out = []
+    for row_bins, row in zip(bins_l, trip):
+        peaks = []
+        for b, (al, a0, ar) in zip(row_bins, row):
+            if a0 <= 0:
+                continue  # not a local maximum (row with fewer than k maxima)
+            off, corr = _hann_refine(a0, al, ar)
+            peaks.append(((b + off) * df, a0 * scale * corr))
+        peaks.sort(key=lambda p: -p[1])
+        out.append(peaks)
+    return out
 
 
 # --------------------------------------------------------------------------- envelope
@@ -514,26 +524,25 @@ def dominant_defect(snr: np.ndarray, names: list[str]) -> list[str | None]:
     4096 samples / 48 kHz 4x shaft speed (119.8 Hz) sits within a bin of BPFO (107.3 Hz) --
     hence also the local-maximum-within-tolerance test in `bearing_lines`.
     """
-    m, D = snr.shape[0], snr.shape[1] if snr.ndim > 1 else 0
-    if snr.size == 0:
-        return [None] * m
-    fund = snr[..., 0]
-    harm = snr[..., 1:]
-    available = harm == harm  # not NaN
-    harm_ok = ((harm >= DOMINANT_MIN_SNR_DB) | ~available).all(axis=-1) & available.any(axis=-1)
-    qualifies = (fund >= DOMINANT_FUNDAMENTAL_SNR_DB) & harm_ok  # NaN compares False
-    # fmax treats NaN as missing: unknown harmonics add nothing, unknown fundamentals rank last.
-    score = np.fmax(fund + 0.5 * np.fmax(harm, 0.0).sum(axis=-1), -1e300)
-    best = score.argmax(axis=-1)
-    rows = np.arange(m)
-    if D > 1:
-        srt = np.sort(score, axis=-1)
-        margin_ok = srt[:, -1] - srt[:, -2] >= DOMINANT_MARGIN_DB
-    else:
-        margin_ok = np.ones(m, bool)
-    ok = (qualifies[rows, best] & margin_ok).tolist()
-    best_l = best.tolist()
-    return [names[b] if o else None for b, o in zip(best_l, ok)]
+    return [_dominant_row(row, names) for row in np.asarray(snr).tolist()]
+
+
+def _dominant_row(row: list[list[float]], names: list[str]) -> str | None:
+    scores = []
+    for fund, *harm in row:
+        if fund != fund:  # NaN: the line is unknown
+            scores.append((-math.inf, False))
+            continue
+        avail = [h for h in harm if h == h]
+        qualifies = (fund >= DOMINANT_FUNDAMENTAL_SNR_DB and bool(avail)
+                     and all(h >= DOMINANT_MIN_SNR_DB for h in avail))
+        scores.append((fund + 0.5 * sum(h for h in avail if h > 0), qualifies))
+    if not scores:
+        return None
+    best = max(range(len(scores)), key=lambda i: scores[i][0])
+    score, qualifies = scores[best]
+    runner_up = max((s for i, (s, _) in enumerate(scores) if i != best), default=-math.inf)
+    return names[best] if qualifies and score - runner_up >= DOMINANT_MARGIN_DB else None
 
 
 # --------------------------------------------------------------------------- all features
@@ -562,12 +571,13 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
     feats = spec.features
     out: list[dict[str, Any]] = [{} for _ in range(m)]
 
-    td = time_features(X)
-    for name in ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness"):
-        if name in feats:
-            vals = td[name].tolist()
-            for r in range(m):
-                out[r][name] = _clean(vals[r])
+    if feats & _TIME_SET:
+        td = time_features(X)
+        for name in ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness"):
+            if name in feats:
+                vals = td[name]
+                for r in range(m):
+                    out[r][name] = _clean(vals[r])
 
     if not spec.needs_fft:
         return out
@@ -587,13 +597,11 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
             out[r]["velocity_rms"] = None
 
     if "spectrum" in feats:
-        hz, amp = spectrum_peaks(P, plan, spec.peaks)
-        hz_l, amp_l = hz.tolist(), amp.tolist()
+        peaks = spectrum_peaks(P, plan, spec.peaks)
         bands = rms_cols[:, : plan.band_count].tolist() if plan.band_count else [[] for _ in range(m)]
         for r in range(m):
             out[r]["spectrum"] = {
-                "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in zip(hz_l[r], amp_l[r])
-                          if math.isfinite(h)],
+                "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in peaks[r]],
                 "bands": [{"low": lo, "high": hi, "rms": v} for (lo, hi), v in zip(spec.bands, bands[r])],
                 "resolution_hz": plan.df,
             }
