@@ -3,3 +3,4 @@
 from drivers import base  # noqa: F401
 from drivers import modbus  # noqa: F401
 from drivers import mqtt  # noqa: F401
+from drivers import opcua  # noqa: F401

@@ -298,11 +298,12 @@ class MqttDriver:
                 while True:
                     get = asyncio.ensure_future(queue.get())
                     try:
-                        await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        if not get.done():
-                            get.cancel()
-                    if get.cancelled():
+                        done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    except asyncio.CancelledError:
+                        get.cancel()
+                        raise
+                    if get not in done:
+                        get.cancel()
                         raise DeviceDisconnected("broker connection lost")
                     topic, payload, received = get.result()
                     self.health.ok(now=received)
