@@ -21,6 +21,8 @@ from rules.engine import alarm_factory
 
 # Bounds memory when an input is much faster than its window (e.g. a feature at 100 Hz).
 MAX_POINTS = 5000
+# Running sums drift as points are added and removed; recompute them from the points this often.
+RESUM_EVERY = 2000
 
 
 class RateConfig(AlarmRuleConfig):
@@ -39,27 +41,83 @@ class RateConfig(AlarmRuleConfig):
         return self
 
 
+class SlopeWindow:
+    """Least-squares slope of (t, v) points in a sliding window, O(1) per point.
+
+    Sums are kept relative to the oldest point so that epoch-sized timestamps and large values
+    do not cancel, and are recomputed from the points now and then so that rounding from
+    adding and removing cannot build up.
+    """
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[float, float]] = deque()
+        self._since_resum = 0
+        self._resum()
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def clear(self) -> None:
+        self.points.clear()
+        self._resum()
+
+    def _resum(self) -> None:
+        self._t0, self._v0 = self.points[0] if self.points else (0.0, 0.0)
+        self._st = self._sv = self._stt = self._stv = 0.0
+        for t, v in self.points:
+            self._add_sums(t, v, 1.0)
+        self._since_resum = 0
+
+    def _add_sums(self, t: float, v: float, sign: float) -> None:
+        dt, dv = t - self._t0, v - self._v0
+        self._st += sign * dt
+        self._sv += sign * dv
+        self._stt += sign * dt * dt
+        self._stv += sign * dt * dv
+
+    def add(self, t: float, v: float) -> None:
+        if len(self.points) >= MAX_POINTS:
+            self._add_sums(*self.points.popleft(), -1.0)
+        if not self.points:
+            self.points.append((t, v))
+            self._resum()
+            return
+        self.points.append((t, v))
+        self._add_sums(t, v, 1.0)
+        self._count()
+
+    def drop_older_than(self, oldest: float) -> None:
+        while self.points and self.points[0][0] < oldest:
+            self._add_sums(*self.points.popleft(), -1.0)
+            self._count()
+
+    def _count(self) -> None:
+        self._since_resum += 1
+        if self._since_resum >= RESUM_EVERY:
+            self._resum()
+
+    @property
+    def span(self) -> float:
+        return self.points[-1][0] - self.points[0][0] if len(self.points) > 1 else 0.0
+
+    def slope(self) -> float | None:
+        n = len(self.points)
+        if n < 2:
+            return None
+        denominator = n * self._stt - self._st * self._st
+        if denominator <= 0:
+            return None
+        return (n * self._stv - self._st * self._sv) / denominator
+
+
 class RateRule:
     def __init__(self, config: RateConfig) -> None:
         self.config = config
         self.default_severity: Severity = config.severity
         self.scale = 60.0 if config.per == "minute" else 1.0
         self.clear = config.clear if config.clear is not None else config.limit
-        self.points: deque[tuple[float, float]] = deque(maxlen=MAX_POINTS)
-
-    def slope(self) -> float | None:
-        """Least-squares slope per second over the window, or None if it spans too little."""
-        if len(self.points) < 2:
-            return None
-        t0 = self.points[0][0]
-        if self.points[-1][0] - t0 < self.config.window / 2:
-            return None
-        n = len(self.points)
-        mean_t = sum(t - t0 for t, _ in self.points) / n
-        mean_v = sum(v for _, v in self.points) / n
-        sxx = sum((t - t0 - mean_t) ** 2 for t, _ in self.points)
-        sxy = sum((t - t0 - mean_t) * (v - mean_v) for t, v in self.points)
-        return sxy / sxx if sxx > 0 else None
+        self.window = SlopeWindow()
+        self.last_ts: float | None = None
 
     def unit_of(self, sample_unit: str | None) -> str | None:
         per = "s" if self.config.per == "second" else "min"
@@ -67,14 +125,16 @@ class RateRule:
 
     def evaluate(self, value: float, ts: float, active: Severity | None) -> Verdict | None:
         cfg = self.config
-        if self.points and ts <= self.points[-1][0]:
-            if ts == self.points[-1][0]:
+        if self.last_ts is not None and ts <= self.last_ts:
+            if ts == self.last_ts:
                 return None  # the same reading twice says nothing about change
-            self.points.clear()  # the source clock went back: earlier points are not comparable
-        self.points.append((ts, value))
-        while ts - self.points[0][0] > cfg.window:
-            self.points.popleft()
-        per_second = self.slope()
+            self.window.clear()  # the source clock went back: earlier points are not comparable
+        self.last_ts = ts
+        self.window.add(ts, value)
+        self.window.drop_older_than(ts - cfg.window)
+        if self.window.span < cfg.window / 2:
+            return None
+        per_second = self.window.slope()
         if per_second is None:
             return None
         rate = per_second * self.scale

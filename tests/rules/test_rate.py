@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.model import Quality
+from rules.rate import RESUM_EVERY, SlopeWindow
 from tests.rules.helpers import Bench
 
 TOPIC = "alarms/oven_ramp"
@@ -98,3 +102,31 @@ def test_bad_values_are_left_out_and_a_clock_going_back_restarts_the_window():
     b.sample("oven.temp", 30.0, ts=b.clock.t - 1000)  # source clock jumped back
     b.sample("oven.temp", 30.0, ts=b.clock.t - 1000)  # duplicate timestamp: ignored
     assert b.states(TOPIC) == ["raised"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 5), st.floats(-1e6, 1e6)), min_size=2, max_size=300),
+       st.floats(1, 100))
+def test_the_running_slope_matches_a_direct_least_squares_fit(steps, window):
+    slopes = SlopeWindow()
+    t = 1.8e9  # epoch-sized timestamps must not cost precision
+    for dt, v in steps:
+        t += dt
+        slopes.add(t, v)
+        slopes.drop_older_than(t - window)
+    ts = np.array([p[0] for p in slopes.points]) - slopes.points[0][0]
+    vs = np.array([p[1] for p in slopes.points])
+    if len(ts) < 2:
+        assert slopes.slope() is None
+        return
+    expected = np.polyfit(ts, vs, 1)[0]
+    scale = max(1.0, float(np.ptp(vs)) / max(float(np.ptp(ts)), 1e-9))
+    assert slopes.slope() == pytest.approx(expected, rel=1e-6, abs=1e-6 * scale)
+
+
+def test_running_sums_are_recomputed_so_rounding_cannot_build_up():
+    slopes = SlopeWindow()
+    for i in range(RESUM_EVERY * 3 + 7):
+        slopes.add(1.8e9 + i * 0.01, 1e6 + 0.5 * i * 0.01 + (0.3 if i % 2 else -0.3))
+        slopes.drop_older_than(1.8e9 + i * 0.01 - 10)
+    assert slopes.slope() == pytest.approx(0.5, rel=1e-3)
