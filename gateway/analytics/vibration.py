@@ -28,6 +28,7 @@ Conventions that are part of the outside contract:
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -345,19 +346,21 @@ def envelope_spectrum(S: np.ndarray, plan: Plan, workers: int | None = None) -> 
 
 @dataclass(slots=True)
 class _LineGeometry:
-    """Bin ranges of the defect lines at one shaft speed; shapes (D, H[, width])."""
+    """Bin ranges of the D*H defect lines of one envelope spectrum row at one shaft speed,
+    flattened to (D*H[, width]) and ready to index a row laid out with an +inf column at B."""
 
-    known: np.ndarray
+    width: int  # search bins per line
+    bwidth: int  # background bins per line
+    lo: np.ndarray  # first search bin
+    sidx: np.ndarray  # (DH, width) search bins, padded by repeating the last (harmless for a max)
     target: np.ndarray  # Hz
-    idx: np.ndarray  # search bins, padded by repeating the last one (harmless for a max)
-    lo: np.ndarray
-    hi: np.ndarray
-    nearest: np.ndarray
-    bidx: np.ndarray  # background bins, padded with the index of an +inf sentinel column
-    i_lo: np.ndarray  # median positions in the sorted background
-    i_hi: np.ndarray
-    ok: np.ndarray
     reach: np.ndarray  # Hz: tolerance * target + half a bin
+    nearest: np.ndarray  # bin nearest the target
+    bidx: np.ndarray  # (DH, bwidth) background bins, padded with the +inf column B
+    pos_lo: np.ndarray  # flat positions of the median pair in the row's sorted background
+    pos_hi: np.ndarray
+    ok: np.ndarray  # the line and a background lie inside the spectrum
+    all_ok: bool
     expected: np.ndarray  # target, NaN where unknown
 
 
@@ -371,7 +374,7 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
     df = plan.env_df
     orders = np.array([o for _, o in spec.orders], dtype=np.float64)
     harm = np.arange(1, HARMONICS + 1, dtype=np.float64)
-    target = speed * orders[:, None] * harm[None, :]  # (D, H)
+    target = (speed * orders[:, None] * harm[None, :]).reshape(-1)  # (D*H,)
     known = np.isfinite(target) & (target > 0)
     t = np.where(known, target, 0.0) / df  # in bins
     half = np.maximum(t * spec.tolerance, 1.0)
@@ -381,23 +384,24 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
     lo = np.clip(lo, 1, B - 1)
     hi = np.clip(hi, lo, B - 1)
     width = int((hi - lo).max(initial=0)) + 1
-    idx = np.minimum(lo[..., None] + np.arange(width), hi[..., None])
+    sidx = np.minimum(lo[:, None] + np.arange(width), hi[:, None])
     # Background: +-max(25 %, 10 bins) around the line, the search region excluded.
     bg_half = np.maximum(np.ceil(0.25 * t), 10.0).astype(np.int64)
     blo = np.clip(np.floor(t).astype(np.int64) - bg_half, 1, B - 1)
     bhi = np.clip(np.ceil(t).astype(np.int64) + bg_half, 1, B - 1)
     bwidth = int((bhi - blo).max(initial=0)) + 1
-    bidx = blo[..., None] + np.arange(bwidth)
-    bvalid = (bidx <= bhi[..., None]) & ((bidx < lo[..., None]) | (bidx > hi[..., None]))
+    bidx = blo[:, None] + np.arange(bwidth)
+    bvalid = (bidx <= bhi[:, None]) & ((bidx < lo[:, None]) | (bidx > hi[:, None]))
     bidx = np.where(bvalid, bidx, B)
     count = bvalid.sum(axis=-1)
+    rows = np.arange(len(target)) * bwidth
+    ok = inside & (count > 0)
     g = _LineGeometry(
-        known=known, target=target, idx=idx, lo=lo, hi=hi,
-        nearest=np.clip(np.rint(t).astype(np.int64), 1, B - 1), bidx=bidx,
-        i_lo=np.maximum((count - 1) // 2, 0), i_hi=np.maximum(count // 2, 0),
-        ok=inside & (count > 0),
+        width=width, bwidth=bwidth, lo=lo, sidx=sidx, target=target,
         reach=spec.tolerance * target + 0.5 * df,
-        expected=np.where(known, target, np.nan),
+        nearest=np.clip(np.rint(t).astype(np.int64), 1, B - 1), bidx=bidx,
+        pos_lo=rows + np.maximum((count - 1) // 2, 0), pos_hi=rows + np.maximum(count // 2, 0),
+        ok=ok, all_ok=bool(ok.all()), expected=np.where(known, target, np.nan),
     )
     if len(cache) > 256:  # speeds from a shaft_tag vary; keep the cache bounded
         cache.clear()
@@ -405,22 +409,31 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
     return g
 
 
-def _stack_padded(arrays: list[np.ndarray], sentinel: int | None) -> np.ndarray:
-    """Stack per-speed geometry. Bin lists differ in width between speeds: search lists are
-    padded by repeating their last bin (no effect on a max), background lists with the +inf
-    sentinel column `sentinel` (sorted to the end, outside the median)."""
-    width = max(a.shape[-1] for a in arrays)
-    if arrays[0].ndim < 3 or all(a.shape[-1] == width for a in arrays):
-        return np.stack(arrays)
-    out = []
-    for a in arrays:
-        pad = width - a.shape[-1]
-        if pad:
-            fill = (np.repeat(a[..., -1:], pad, axis=-1) if sentinel is None
-                    else np.full(a.shape[:-1] + (pad,), sentinel))
-            a = np.concatenate([a, fill], axis=-1)
-        out.append(a)
-    return np.stack(out)
+def _rows_geometry(geos: list[_LineGeometry], B: int) -> _LineGeometry:
+    """One geometry for k rows laid out back to back (row r starts at r*(B+1))."""
+    if len(geos) == 1:
+        return geos[0]
+    W = max(g.width for g in geos)
+    Wb = max(g.bwidth for g in geos)
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    for r, g in enumerate(geos):
+        off = r * (B + 1)
+        sidx = g.sidx if g.width == W else np.concatenate(
+            [g.sidx, np.repeat(g.sidx[:, -1:], W - g.width, axis=1)], axis=1)
+        bidx = g.bidx if g.bwidth == Wb else np.concatenate(
+            [g.bidx, np.full((len(g.bidx), Wb - g.bwidth), B)], axis=1)
+        n_lines = len(g.lo)
+        rows = (r * n_lines + np.arange(n_lines)) * Wb
+        parts["lo"].append(g.lo + off)
+        parts["sidx"].append(sidx + off)
+        parts["bidx"].append(bidx + off)
+        parts["nearest"].append(g.nearest + off)
+        parts["pos_lo"].append(rows + (g.pos_lo - np.arange(n_lines) * g.bwidth))
+        parts["pos_hi"].append(rows + (g.pos_hi - np.arange(n_lines) * g.bwidth))
+        for name in ("target", "reach", "ok", "expected"):
+            parts[name].append(getattr(g, name))
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return _LineGeometry(width=W, bwidth=Wb, all_ok=bool(cat["ok"].all()), **cat)
 
 
 def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str, Any]:
@@ -430,80 +443,61 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str
     +-tolerance (at least +-1 bin) of h*order*shaft_hz; its SNR against the median of the
     envelope spectrum within +-max(25 %, 10 bins) of the line, the search region excluded.
     A line counts as found only if that bin is a local maximum whose frequency lies within
-    the tolerance (+ half a bin) of the expected one: with coarse resolution the +-1 bin search would
-    otherwise pick up the flank of a neighbouring line (e.g. 4x shaft speed next to BPFO at
-    4096 samples / 48 kHz). A line not found reports the level at the expected frequency's
-    nearest bin, so its SNR stays meaningful (and low).
+    the tolerance (+ half a bin) of the expected one: with coarse resolution the +-1 bin
+    search would otherwise pick up the flank of a neighbouring line (e.g. 4x shaft speed next
+    to BPFO at 4096 samples / 48 kHz). A line not found reports the level at the expected
+    frequency's nearest bin, so its SNR stays meaningful (and low).
     Returns arrays hz, amplitude, snr_db, found of shape (m, defects, HARMONICS), and the names.
     """
     names = [d for d, _ in plan.spec.orders]
     m, B = env.shape
     D = len(names)
     speeds = np.asarray(shaft_hz, dtype=np.float64).reshape(m)
-    rows_known = np.flatnonzero(np.isfinite(speeds) & (speeds > 0))
-
-    def unknown() -> dict[str, Any]:
-        nan = np.full((m, D, HARMONICS), np.nan)
-        return {"names": names, "expected_hz": nan.copy(), "hz": nan.copy(),
-                "amplitude": nan.copy(), "snr_db": nan.copy(), "found": np.zeros(nan.shape, bool)}
-
-    if D == 0 or rows_known.size == 0:
-        return unknown()
-    geos = [_line_geometry(plan, float(speeds[r])) for r in rows_known]
-    if all(g is geos[0] for g in geos):
-        g0 = geos[0]
-        stack = lambda name: getattr(g0, name)[None]  # noqa: E731  (broadcast over rows)
-    else:
-        stack = lambda name: _stack_padded([getattr(g, name) for g in geos],  # noqa: E731
-                                           B if name == "bidx" else None)
-    k = len(rows_known)
-    # Rows flattened with an +inf column at index B each: the background's padding (sorted
-    # past the median) and a harmless right neighbour of the last bin.
+    known_rows = [r for r, v in enumerate(speeds.tolist()) if v == v and v > 0]
+    shape = (m, D, HARMONICS)
+    nan = np.full(shape, np.nan)
+    if D == 0 or not known_rows:
+        return {"names": names, "expected_hz": nan, "hz": nan.copy(), "amplitude": nan.copy(),
+                "snr_db": nan.copy(), "found": np.zeros(shape, bool)}
+    k = len(known_rows)
+    g = _rows_geometry([_line_geometry(plan, float(speeds[r])) for r in known_rows], B)
+    # Rows back to back, each with an +inf column at index B: the background's padding
+    # (sorted past the median) and a harmless right neighbour of the last bin.
     Einf = np.empty((k, B + 1))
-    Einf[:, :B] = env[rows_known]
+    Einf[:, :B] = env if k == m else env[known_rows]
     Einf[:, B] = np.inf
     flat = Einf.reshape(-1)
-    off = (np.arange(k) * (B + 1))[:, None, None]
     df = plan.env_df
 
-    lo = stack("lo")
-    vals = flat[off[..., None] + stack("idx")] if k > 1 else flat[stack("idx")]
+    vals = flat[g.sidx]  # (k*DH, W)
     a0 = vals.max(axis=-1)
-    j = off + lo + vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
+    j = g.lo + vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
+    j_hz = (j % (B + 1)) * df
     # Found = a local maximum at most tolerance + half a bin from the expected frequency
     # (the bin centre is within half a bin of the true line).
-    found = (a0 >= flat[j - 1]) & (a0 >= flat[j + 1]) & (np.abs((j - off) * df - stack("target"))
-                                                         <= stack("reach"))
-    near = flat[off + stack("nearest")]
-    amp = np.where(found, a0, near)
-    hz = np.where(found, j - off, stack("nearest")) * df
-
-    bidx = stack("bidx")
-    bvals = flat[off[..., None] + bidx] if k > 1 else flat[bidx]
+    found = (a0 >= flat[j - 1]) & (a0 >= flat[j + 1]) & (np.abs(j_hz - g.target) <= g.reach)
+    amp = np.where(found, a0, flat[g.nearest])
+    hz = np.where(found, j_hz, (g.nearest % (B + 1)) * df)
+    bvals = flat[g.bidx]
     bvals.sort(axis=-1)
-    W = bidx.shape[-1]
-    base = (np.arange(k) * (D * HARMONICS * W))[:, None, None] + (np.arange(D * HARMONICS) * W).reshape(D, HARMONICS)
     bflat = bvals.reshape(-1)
-    med = 0.5 * (bflat[base + stack("i_lo")] + bflat[base + stack("i_hi")])
+    med = 0.5 * (bflat[g.pos_lo] + bflat[g.pos_hi])
     snr = 20.0 * np.log10(amp / med)
-    shape = amp.shape
-    ok = stack("ok")
-    exp_hz = np.broadcast_to(stack("expected"), shape)
-    if not ok.all():
-        bad = np.broadcast_to(~ok, shape)
+    expected = g.expected
+    if not g.all_ok:
+        bad = ~g.ok
         snr[bad] = np.nan
         amp[bad] = np.nan
         hz[bad] = np.nan
-    found &= ok
+        found &= g.ok
+    out = {"names": names, "expected_hz": expected, "hz": hz, "amplitude": amp, "snr_db": snr,
+           "found": found}
     if k == m:
-        return {"names": names, "expected_hz": exp_hz, "hz": hz, "amplitude": amp,
-                "snr_db": snr, "found": found}
-    result = unknown()
-    result["expected_hz"][rows_known] = exp_hz
-    result["hz"][rows_known] = hz
-    result["amplitude"][rows_known] = amp
-    result["snr_db"][rows_known] = snr
-    result["found"][rows_known] = found
+        return {key: (v.reshape(shape) if key != "names" else v) for key, v in out.items()}
+    result = {"names": names, "expected_hz": nan, "hz": nan.copy(), "amplitude": nan.copy(),
+              "snr_db": nan.copy(), "found": np.zeros(shape, bool)}
+    for key in ("expected_hz", "hz", "amplitude", "snr_db", "found"):
+        result[key][known_rows] = out[key].reshape(k, D, HARMONICS)
     return result
 
 
