@@ -285,6 +285,8 @@ def _top_k(cand: np.ndarray, k: int) -> np.ndarray:
     if not (bound > 0).all():
         return np.argpartition(cand, -k, axis=-1)[:, -k:]
     flat = np.flatnonzero(cand >= bound[:, None])
+    if m == 1:
+        return flat[np.argsort(-cand[0, flat])[:k]][None, :]
     rr, cc = np.divmod(flat, K)
     vals = cand.reshape(-1)[flat]
     order = np.lexsort((-vals, rr))
