@@ -57,6 +57,7 @@ class AnalyticsEngine:
             if cfg.bearing is not None and cfg.bearing.shaft_tag:
                 self._speed_tags[cfg.bearing.shaft_tag] = cfg.bearing.shaft_tag_unit
         self._summaries = Summaries(summaries.interval, self._units)
+        self._runtime_problems: dict[str, str] = {}  # analysis -> problem seen with real data
 
     # ------------------------------------------------------------------ config help
 
@@ -69,13 +70,15 @@ class AnalyticsEngine:
         return [f"{analysis.name}.{n}" for n in names]
 
     def problems(self) -> list[str]:
-        """Config problems only visible with the tag units (for check-config)."""
+        """Problems only visible with the tag units (for check-config) or, once data arrived,
+        with the actual sample rate (e.g. an envelope band above Nyquist); for logs/health."""
         out = []
         for streams in self._streams.values():
             for st in streams:
                 if "velocity_rms" in st.cfg.features and accel_scale(st.unit) is None:
                     out.append(f"analyses.{st.cfg.name}: velocity_rms needs the unit of "
                                f"{st.cfg.input} to be g or m/s2 (is {st.unit!r})")
+        out += [f"analyses.{name}: {text}" for name, text in self._runtime_problems.items()]
         return out
 
     # ------------------------------------------------------------------ scalar samples
@@ -112,6 +115,9 @@ class AnalyticsEngine:
         results: list[dict[str, Any] | None] = [None] * len(done)
         for (spec, n, fs), idx in groups.items():
             plan = self._plans.get(spec, n, fs)
+            if plan.problem:
+                for i in idx:
+                    self._runtime_problems.setdefault(done[i][0].cfg.name, plan.problem)
             X = np.stack([done[i][1].samples for i in idx]) if len(idx) > 1 else done[idx[0]][1].samples[None, :]
             speeds = [self._shaft_hz(done[i][0].cfg) for i in idx]
             for i, feats in zip(idx, compute_batch(X, plan, speeds, self._workers)):

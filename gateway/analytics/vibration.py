@@ -122,7 +122,8 @@ class Plan:
     env_w2_sum: float = 1.0
     env_gain: float = 1.0
     env_df: float = 1.0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # caches derived at run time (line geometry)
+    problem: str | None = None  # why a requested feature cannot be computed at this (n, fs)
 
 
 def make_plan(spec: FeatureSpec, n: int, fs: float) -> Plan:
@@ -166,7 +167,11 @@ def _plan_envelope(plan: Plan) -> None:
     k1 = max(1, int(math.ceil(lo / df)))
     k2 = min(n // 2, int(math.floor(hi / df))) + 1
     if k2 - k1 < 4:
-        raise ValueError(f"envelope_band {spec.envelope_band} Hz holds fewer than 4 bins at {fs} Hz / {n} samples")
+        # Not an exception: a sample rate is only known when data arrive, and one odd sensor
+        # must not stop the others. The envelope is reported as unknown and the problem kept.
+        plan.problem = (f"envelope_band {spec.envelope_band} Hz holds fewer than 4 bins at "
+                        f"{fs:g} Hz / {n} samples: no envelope analysis")
+        return
     if spec.shaft_hz:
         top_order = max((o for _, o in spec.orders), default=1.0)
         f_max = HARMONICS * top_order * spec.shaft_hz * (1 + spec.tolerance) * 1.3 + 10 * df
@@ -619,15 +624,17 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
             }
 
     if "envelope" in feats:
-        speeds = np.array([np.nan if v is None else float(v) for v in shaft_hz], dtype=np.float64)
-        env = envelope_spectrum(S, plan, workers=workers)
+        speeds = np.array([np.nan if v is None or plan.env_len == 0 else float(v) for v in shaft_hz],
+                          dtype=np.float64)
+        env = (envelope_spectrum(S, plan, workers=workers) if plan.env_len
+               else np.zeros((m, 2)))
         lines = bearing_lines(env, plan, speeds)
         dom = dominant_defect(lines["snr_db"], lines["names"])
         hz_l = lines["hz"].tolist()
         amp_l = lines["amplitude"].tolist()
         snr_l = lines["snr_db"].tolist()
         for r in range(m):
-            bearing: dict[str, Any] = {"shaft_hz": _clean(speeds[r].item())}
+            bearing: dict[str, Any] = {"shaft_hz": _clean(shaft_hz[r])}
             for d, name in enumerate(lines["names"]):
                 bearing[name] = {
                     "hz": _clean(hz_l[r][d][0]),

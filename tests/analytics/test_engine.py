@@ -158,3 +158,10 @@ def test_gap_and_bad_block_restart_windows():
 def test_other_sources_are_ignored():
     eng = AnalyticsEngine([analysis()], SummariesConfig(), {})
     assert eng.on_waveform(Waveform("other.accel", signal(8192), FS, 0.0)) == ([], [])
+
+
+def test_sample_rate_that_cannot_hold_the_envelope_band_is_reported_not_raised():
+    eng = AnalyticsEngine([analysis()], SummariesConfig(), {"m1.accel": "g"})
+    (rec,), _ = eng.on_waveform(Waveform("m1.accel", signal(4096), 3000.0, 0.0))
+    assert rec.payload["bearing"]["dominant"] is None and rec.payload["rms"] > 0
+    assert any("envelope_band" in p for p in eng.problems())

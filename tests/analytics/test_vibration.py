@@ -215,6 +215,9 @@ def test_constant_window_has_undefined_shape_features():
     json.dumps(zero, allow_nan=False)
 
 
-def test_envelope_band_too_narrow_is_an_error():
-    with pytest.raises(ValueError):
-        make_plan(spec(envelope_band=(2000.0, 2001.0)), 1024, 12000.0)
+def test_envelope_band_outside_the_spectrum_gives_unknown_lines():
+    plan = make_plan(spec(envelope_band=(2000.0, 5000.0)), 1024, 3000.0)  # Nyquist 1500 Hz
+    assert plan.problem and "envelope_band" in plan.problem
+    out = compute(sine(1.0, 100.0, 3000.0, 1024), plan, 29.93)
+    assert out["bearing"]["dominant"] is None and out["bearing"]["bpfo"]["amplitude"] is None
+    assert out["rms"] == pytest.approx(2**-0.5, rel=0.01)
