@@ -344,14 +344,13 @@ def envelope_spectrum(S: np.ndarray, plan: Plan, workers: int | None = None) -> 
     # + shift to baseband, all in one slice copy; the x2 of the analytic signal is in env_gain.
     Y[:, : k2 - k1] = S[:, k1:k2]
     a = sfft.ifft(Y, axis=-1, overwrite_x=True, workers=workers)
-    e = _power(a)
-    e *= plan.env_gain
+    e = _power(a)  # squared envelope up to the constant env_gain, applied at the end
     # Remove the (window-weighted) mean: e carries Hann^2, so the DC to remove is c * Hann^2.
     c = e.sum(axis=-1) / plan.env_w2_sum
     e -= c[:, None] * plan.env_w2
     E = sfft.rfft(e, axis=-1, overwrite_x=True, workers=workers)[:, : plan.env_bins + 1]
-    amp = np.sqrt(_power(E))
-    amp *= 2.0 / plan.env_w2_sum
+    amp = np.abs(E)
+    amp *= plan.env_gain * 2.0 / plan.env_w2_sum
     return amp
 
 
@@ -576,6 +575,8 @@ def compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Iterable[float | None] | 
         speeds = list(shaft_hz)
     out: list[dict[str, Any]] = []
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if m <= rows:
+            return _compute_batch(X, plan, speeds, workers)
         for i in range(0, m, rows):
             out += _compute_batch(X[i:i + rows], plan, speeds[i:i + rows], workers)
     return out
@@ -604,7 +605,7 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
         return out
 
     S = sfft.rfft(X * plan.hann, axis=-1, workers=workers)
-    P = _power(S)
+    P = _power(S) if plan.weights is not None or "spectrum" in feats else None
 
     if plan.weights is not None:
         acc = (P @ plan.weights) * plan.power_scale  # (m, bands [+ velocity]) mean squares
