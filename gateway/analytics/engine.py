@@ -28,6 +28,7 @@ class _Stream:
     unit: str | None
     spec: FeatureSpec | None = None
     spec_unit: str | None = None
+    windows: int = 0
 
     def spec_for(self, unit: str | None) -> FeatureSpec:
         if self.spec is None or unit != self.spec_unit:
@@ -81,6 +82,14 @@ class AnalyticsEngine:
         out += [f"analyses.{name}: {text}" for name, text in self._runtime_problems.items()]
         return out
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per analysis: windows computed, restarts (gaps, rate changes, bad blocks) and
+        samples thrown away by them -- for the health payload; nothing is dropped silently."""
+        return {st.cfg.name: {"windows": st.windows, "gaps": st.assembler.gaps,
+                              "dropped_samples": st.assembler.dropped_samples,
+                              "pending_samples": st.assembler.pending}
+                for streams in self._streams.values() for st in streams}
+
     # ------------------------------------------------------------------ scalar samples
 
     def on_sample(self, s: Sample) -> None:
@@ -106,6 +115,7 @@ class AnalyticsEngine:
             for st in self._streams.get(w.source, ()):
                 unit = st.unit if st.unit is not None else w.unit
                 for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality):
+                    st.windows += 1
                     done.append((st, win, unit))
         if not done:
             return [], []
