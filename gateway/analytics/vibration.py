@@ -115,7 +115,9 @@ class Plan:
     hann: np.ndarray
     amp_scale: float  # |X| -> sinusoid amplitude
     power_scale: float  # |X|^2 -> mean square, one-sided factor 2 kept in the weights
-    weights: np.ndarray | None  # (K, n_bands [+1 velocity]) power weights
+    # Per band [+ velocity]: (first bin, end bin, power weights of those bins). Slices rather
+    # than one (K, columns) matrix: a band reads only its own bins of the power spectrum.
+    weights: list[tuple[int, int, np.ndarray]] | None
     band_count: int
     # envelope
     k1: int = 0
@@ -153,7 +155,12 @@ def make_plan(spec: FeatureSpec, n: int, fs: float) -> Plan:
         # v = a / (j 2 pi f): power divides by (2 pi f)^2; m/s -> mm/s.
         w[sel] = one_sided[sel] * (spec.accel_scale * 1000.0 / (2.0 * np.pi * freqs[sel])) ** 2
         columns.append(w)
-    weights = np.ascontiguousarray(np.stack(columns, axis=1)) if columns else None
+    weights = []
+    for w in columns:
+        nz = np.flatnonzero(w)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        weights.append((lo, hi, np.ascontiguousarray(w[lo:hi])))
+    weights = weights or None
     plan = Plan(
         spec=spec, n=n, fs=fs, df=df, hann=hann,
         amp_scale=2.0 / float(hann.sum()),
@@ -608,7 +615,10 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
     P = _power(S) if plan.weights is not None or "spectrum" in feats else None
 
     if plan.weights is not None:
-        acc = (P @ plan.weights) * plan.power_scale  # (m, bands [+ velocity]) mean squares
+        # (m, bands [+ velocity]) mean squares
+        # A band with no bin at this resolution/sample rate (e.g. above Nyquist) is unknown, not 0.
+        acc = np.stack([P[:, lo:hi] @ w if hi > lo else np.full(m, np.nan)
+                        for lo, hi, w in plan.weights], axis=1) * plan.power_scale
         rms_cols = np.sqrt(np.maximum(acc, 0.0))
         if "velocity_rms" in feats:
             vel = rms_cols[:, plan.band_count].tolist() if spec.accel_scale is not None else [None] * m
@@ -624,7 +634,7 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
         for r in range(m):
             out[r]["spectrum"] = {
                 "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in peaks[r]],
-                "bands": [{"low": lo, "high": hi, "rms": v} for (lo, hi), v in zip(spec.bands, bands[r])],
+                "bands": [{"low": lo, "high": hi, "rms": _clean(v)} for (lo, hi), v in zip(spec.bands, bands[r])],
                 "resolution_hz": plan.df,
             }
 

@@ -221,3 +221,10 @@ def test_envelope_band_outside_the_spectrum_gives_unknown_lines():
     out = compute(sine(1.0, 100.0, 3000.0, 1024), plan, 29.93)
     assert out["bearing"]["dominant"] is None and out["bearing"]["bpfo"]["amplitude"] is None
     assert out["rms"] == pytest.approx(2**-0.5, rel=0.01)
+
+
+def test_band_above_nyquist_is_unknown():
+    out = compute(sine(1.0, 100.0, 4000.0, 1024), make_plan(spec(bands=((10.0, 1000.0), (3000.0, 5000.0)),
+                                                                   features=frozenset(["spectrum"])), 1024, 4000.0))
+    assert out["spectrum"]["bands"][0]["rms"] == pytest.approx(2**-0.5, rel=0.01)
+    assert out["spectrum"]["bands"][1]["rms"] is None
