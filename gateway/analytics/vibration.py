@@ -57,6 +57,8 @@ DOMINANT_MIN_SNR_DB = 6.0
 DOMINANT_MARGIN_DB = 3.0
 HARMONICS = 3
 
+_EPS16 = 16 * float(np.finfo(np.float64).eps)
+
 
 def accel_scale(unit: str | None) -> float | None:
     """m/s^2 per unit of the input, or None when the unit is not an acceleration we know."""
@@ -231,13 +233,17 @@ def time_features(X: np.ndarray) -> dict[str, list[float]]:
     mean_a = np.add.reduce(X, axis=-1) / n
     d = X - mean_a[:, None]
     d2 = d * d
-    m2 = (_rowdot(d, d) / n).tolist()
-    m3 = (_rowdot(d2, d) / n).tolist()
-    m4 = (_rowdot(d2, d2) / n).tolist()
+    if m == 1:  # plain BLAS dots straight to Python floats: no tiny-array round trips
+        d0, d20 = d[0], d2[0]
+        m2, m3, m4 = [float(d0 @ d0) / n], [float(d20 @ d0) / n], [float(d20 @ d20) / n]
+    else:
+        m2 = (_rowdot(d, d) / n).tolist()
+        m3 = (_rowdot(d2, d) / n).tolist()
+        m4 = (_rowdot(d2, d2) / n).tolist()
     out: dict[str, list[float]] = {k: [] for k in ("rms", "peak", "peak_to_peak", "crest_factor",
                                                    "kurtosis", "skewness", "mean")}
     nan = math.nan
-    eps16 = 16 * np.finfo(np.float64).eps
+    eps16 = _EPS16
     for r, mean in enumerate(mean_a.tolist()):
         ms = m2[r] + mean * mean
         rms = math.sqrt(ms)
