@@ -42,7 +42,7 @@ class AnalyticsEngine:
     before a gap starts a new window (WindowAssembler); `workers`: scipy.fft workers."""
 
     def __init__(self, analyses: list[AnalysisConfig], summaries: SummariesConfig,
-                 units: dict[str, str | None], *, jitter_s: float = 0.01,
+                 units: dict[str, str | None], *, jitter_s: float = 0.05,
                  workers: int | None = None) -> None:
         self._units = dict(units)
         self._workers = workers

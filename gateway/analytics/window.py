@@ -35,12 +35,15 @@ class WindowAssembler:
     """Windows of one waveform stream.
 
     `jitter_s`: how far a block's timestamp may stray from the end of the previous block before
-    it counts as a gap. Block timestamps stamped on arrival jitter by milliseconds, far more
-    than 1.5 sample periods; the tolerance is capped at half the block's duration so that one
-    missing block is always seen as a gap.
+    it counts as a gap. Blocks stamped on arrival (the MQTT driver does) jitter by milliseconds,
+    far more than 1.5 sample periods; the tolerance is capped at half the block's duration so
+    that one missing block is always seen as a gap. Each block is compared with the previous
+    one, not with the first, so arrival jitter and clock drift never accumulate. (For blocks
+    shorter than about twice the arrival jitter, timestamps cannot tell a lost block from
+    jitter; such senders need a sequence number or a driver-side sample clock.)
     """
 
-    def __init__(self, size: int, overlap: float = 0.0, jitter_s: float = 0.01) -> None:
+    def __init__(self, size: int, overlap: float = 0.0, jitter_s: float = 0.05) -> None:
         if size < 2:
             raise ValueError("a window needs at least 2 samples")
         if not 0.0 <= overlap < 1.0:

@@ -115,3 +115,20 @@ def test_invalid_arguments():
         WindowAssembler(1)
     with pytest.raises(ValueError):
         WindowAssembler(10, overlap=1.0)
+
+
+def test_arrival_stamped_blocks_with_jitter_and_one_lost_block():
+    """What the MQTT driver produces: 300-sample blocks at 12 kHz (25 ms) stamped on arrival
+    with a few ms of jitter; windows must not restart, except after the lost block."""
+    fs, b = 12000.0, 300
+    rng = np.random.default_rng(3)
+    asm = WindowAssembler(4096)
+    x = np.arange(300 * 60, dtype=np.float64)
+    wins = []
+    for i in range(60):
+        if i == 40:
+            continue  # lost
+        wins += asm.push(x[i * b:(i + 1) * b], 50.0 + i * b / fs + rng.uniform(-0.005, 0.005), fs)
+    assert asm.gaps == 1
+    # 40 blocks = 12000 samples before the loss -> 2 windows; 19 blocks after -> 1 window
+    assert [w.samples[0] for w in wins] == [0.0, 4096.0, 41 * 300.0]
