@@ -58,6 +58,7 @@ class WindowAssembler:
         self._next_ts: float | None = None
         self._count = 0  # samples accepted since the last restart
         self._uncertain_until = -1  # sample count at the end of the last uncertain block
+        self._last_len = 0
         self.gaps = 0  # restarts caused by gaps, rate changes or bad blocks
         self.dropped_samples = 0  # samples of partial windows thrown away by restarts
 
@@ -74,9 +75,11 @@ class WindowAssembler:
         self._next_ts = None
         self._count = 0
         self._uncertain_until = -1
+        self._last_len = 0
 
     def tolerance(self, block_len: int, fs: float) -> float:
-        return max(1.5 / fs, min(self.jitter_s, 0.5 * block_len / fs))
+        shortest = min(block_len, self._last_len) if self._last_len else block_len
+        return max(1.5 / fs, min(self.jitter_s, 0.5 * shortest / fs))
 
     def push(self, samples: np.ndarray, ts: float, sample_rate: float,
              quality: Quality = Quality.GOOD) -> list[Window]:
@@ -100,6 +103,7 @@ class WindowAssembler:
         if self._fs is None:
             self._fs = fs
         self._next_ts = ts + n / fs
+        self._last_len = n
         block_start = self._count
         self._count += n
         if quality is not Quality.GOOD:

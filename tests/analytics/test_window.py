@@ -47,7 +47,7 @@ def test_windows_own_their_data():
 
 
 def test_gap_starts_a_new_window():
-    asm = WindowAssembler(100)
+    asm = WindowAssembler(100, jitter_s=0.002)  # a sender with exact timestamps
     x = np.arange(1000.0)
     assert asm.push(x[:60], 0.0, FS) == []
     # next block 20 samples late (a lost block): the 60 pending samples are dropped
