@@ -3,12 +3,12 @@
 The core uses `AnalyticsEngine`; the building blocks are importable for tests and benchmarks.
 """
 
-from gateway.analytics.engine import AnalyticsEngine
+from gateway.analytics.engine import AnalyticsEngine, feature_names
 from gateway.analytics.summary import Summaries, TagStats
 from gateway.analytics.vibration import FeatureSpec, Plan, PlanCache, compute, compute_batch, make_plan
 from gateway.analytics.window import Window, WindowAssembler
 
 __all__ = [
-    "AnalyticsEngine", "FeatureSpec", "Plan", "PlanCache", "Summaries", "TagStats", "Window",
+    "AnalyticsEngine", "FeatureSpec", "feature_names", "Plan", "PlanCache", "Summaries", "TagStats", "Window",
     "WindowAssembler", "compute", "compute_batch", "make_plan",
 ]

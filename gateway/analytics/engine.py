@@ -21,6 +21,17 @@ from gateway.model import Quality, Record, Sample, Waveform, iso_ts
 _TIME_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness")
 
 
+def feature_names(analysis: AnalysisConfig) -> list[str]:
+    """Rule inputs (`analysis.feature`) emitted for `analysis`: its scalar features, and with
+    `envelope` the amplitude and SNR of each bearing defect line. Needs no engine, so config
+    validation can call it."""
+    names = [f for f in (*_TIME_FEATURES, "velocity_rms") if f in analysis.features]
+    if "envelope" in analysis.features and analysis.bearing is not None:
+        for d in analysis.bearing.orders:
+            names += [f"bearing.{d}", f"bearing.{d}.snr_db"]
+    return [f"{analysis.name}.{n}" for n in names]
+
+
 @dataclass(slots=True)
 class _Stream:
     cfg: AnalysisConfig
@@ -64,11 +75,7 @@ class AnalyticsEngine:
 
     def feature_names(self, analysis: AnalysisConfig) -> list[str]:
         """Rule inputs (`analysis.feature`) that `on_waveform` emits as Samples for `analysis`."""
-        names = [f for f in (*_TIME_FEATURES, "velocity_rms") if f in analysis.features]
-        if "envelope" in analysis.features and analysis.bearing is not None:
-            for d in analysis.bearing.orders:
-                names += [f"bearing.{d}", f"bearing.{d}.snr_db"]
-        return [f"{analysis.name}.{n}" for n in names]
+        return feature_names(analysis)
 
     def problems(self) -> list[str]:
         """Problems only visible with the tag units (for check-config) or, once data arrived,
