@@ -210,10 +210,26 @@ class MqttDriver:
         self.config = config
         self.health = health
         self.health.extra.setdefault("dropped", 0)
+        self._next_start: dict[str, float] = {}  # topic -> where the next waveform block starts
 
     async def run(self, emit: Emit) -> None:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
                         self.config.reconnect_max)
+
+    def _block_start(self, topic: str, n: int, fs: float, received: float) -> float:
+        """Timestamp of a block's first sample, by the sensor's sample clock.
+
+        A block is published once complete, so on arrival its first sample is one block duration
+        old; but arrival times jitter by milliseconds through a broker, which would look like gaps
+        to the windows. While a block arrives within half a block duration of where the previous
+        one ended, it continues the previous one exactly; otherwise (a lost block, a restarted
+        sensor, clock drift) the clock is set anew from the arrival time.
+        """
+        naive = received - n / fs
+        expected = self._next_start.get(topic)
+        start = expected if expected is not None and abs(naive - expected) <= 0.5 * n / fs else naive
+        self._next_start[topic] = start + n / fs
+        return start
 
     def matching(self, topic: str) -> list[MqttSubscription]:
         return [s for s in self.config.subscriptions if mqtt.topic_matches_sub(s.topic, topic)]
@@ -232,9 +248,8 @@ class MqttDriver:
             source = f"{device}.{sub.tag}"
             if sub.waveform:
                 assert sub.sample_rate is not None
-                # A block is published once complete: its first sample is one block duration old.
-                await emit(Waveform(source, value, sub.sample_rate, received - value.size / sub.sample_rate,
-                                    sub.unit))
+                await emit(Waveform(source, value, sub.sample_rate, self._block_start(topic, value.size, sub.sample_rate,
+                                                                                      received), sub.unit))
             else:
                 await emit(Sample(source, value, ts if ts is not None else received, Quality.GOOD, sub.unit))
 

@@ -113,6 +113,8 @@ class Upstream:
                 self.new_lines.append(line)
             elif kind == "events":
                 what = payload.get("result") or payload.get("state")
+                if what == "PASS":
+                    return  # passes are counted in health; the list is for what needs a look
                 line = f"{stamp} event {payload.get('rule')} {what} value={_fmt(payload.get('value'))}" + (
                     f" duration={_fmt(payload.get('duration_s'))}s" if payload.get("duration_s") is not None else "")
                 self.history.appendleft(line)
@@ -145,16 +147,19 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _zone(velocity: float | None, boundaries=(1.4, 2.8, 4.5)) -> str:
-    if velocity is None:
-        return "-"
-    for zone, limit in zip("ABC", boundaries):
-        if velocity < limit:
-            return zone
-    return "D"
+def iso_boundaries(cfg) -> dict[str, tuple[float, float, float]]:
+    """analysis name -> ISO zone boundaries of the iso10816 rule watching its velocity_rms."""
+    out = {}
+    for rule in cfg.rules:
+        if rule.type == "iso10816" and rule.input.endswith(".velocity_rms"):
+            out[rule.input.split(".", 1)[0]] = rule.boundaries()
+    return out
 
 
-def render(view: Upstream, broker: str, started: float, duration: float | None) -> str:
+def render(view: Upstream, broker: str, started: float, duration: float | None,
+           zones: dict[str, tuple[float, float, float]]) -> str:
+    from rules.iso10816 import zone_of
+
     with view.lock:
         latest = dict(view.latest)
         alarms = dict(view.alarms)
@@ -188,9 +193,13 @@ def render(view: Upstream, broker: str, started: float, duration: float | None) 
             bpfo = bearing.get("bpfo") or {}
             out.append(f"  {sub[9:]}: rms {_fmt(f.get('rms'))} g, peak {_fmt(f.get('peak'))} g, crest "
                        f"{_fmt(f.get('crest_factor'))}, kurtosis {_fmt(f.get('kurtosis'))}")
-            out.append(f"    velocity {_fmt(f.get('velocity_rms'))} mm/s -> ISO 10816-3 zone {_zone(f.get('velocity_rms'))}"
+            velocity, bounds = f.get("velocity_rms"), zones.get(sub[9:])
+            zone = zone_of(velocity, bounds) if velocity is not None and bounds else "-"
+            out.append(f"    velocity {_fmt(velocity)} mm/s -> ISO 10816-3 zone {zone}"
                        f" | envelope BPFO {_fmt(bpfo.get('hz'))} Hz, SNR {_fmt(bpfo.get('snr_db'))} dB"
                        f" | dominant defect: {bearing.get('dominant') or 'none'}")
+    for rule, counts in sorted((health.get("rules", {}).get("pass_fail") or {}).items()):
+        out.append(f"  test {rule}: pass {counts.get('pass')}, fail {counts.get('fail')}, yield {_fmt(counts.get('yield'))}")
     out += ["", "ALARMS"]
     active = [a for a in alarms.values() if a.get("state") == "raised"]
     if not active:
@@ -232,8 +241,7 @@ async def _run(args) -> int:
 
     modbus_port, opcua_port = _free_port(), _free_port()
     modbus = await ModbusSimulator(unit_ids=(1,)).start_tcp("127.0.0.1", modbus_port)
-    opcua = OpcUaSimulator(endpoint=f"opc.tcp://127.0.0.1:{opcua_port}/edge-gateway/sim/")
-    await opcua.start()
+    opcua = await OpcUaSimulator("127.0.0.1", opcua_port, period=0.5).start()
     vibration = asyncio.create_task(vibration_serve(
         host=host, port=port, topic="sensors/motor1/accel", sample_rate=12800, block=1024, fault="outer",
         severity=0.0, grow_s=90.0, max_severity=1.0, temp_topic="sensors/motor1/temp"), name="sim.vibration")
@@ -255,6 +263,7 @@ async def _run(args) -> int:
     view = Upstream(host, port, cfg.topic_prefix)
     print(f"gateway: {cfg.gateway.id}, config {cfg_path}, log {state_dir / 'gateway.log'}", flush=True)
 
+    zones = iso_boundaries(cfg)
     started = time.time()
     gateway = asyncio.create_task(app.run(), name="demo.gateway")
 
@@ -265,7 +274,7 @@ async def _run(args) -> int:
                 for line in view.take_lines():
                     print(line, flush=True)
             else:
-                sys.stdout.write("\x1b[H\x1b[2J" + render(view, f"{host}:{port}", started, args.duration) + "\n")
+                sys.stdout.write("\x1b[H\x1b[2J" + render(view, f"{host}:{port}", started, args.duration, zones) + "\n")
                 sys.stdout.flush()
 
     screen_task = asyncio.create_task(screen(), name="demo.screen")

@@ -26,12 +26,14 @@ _QUALITY_RANK = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
 Scalar = float | int | bool | str | None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Sample:
     """One scalar value of a tag (`device.tag`) or a feature (`analysis.feature`).
 
     A bad-quality sample carries value None (or the last raw value for diagnosis,
     never a made-up one); consumers must look at `quality` before using `value`.
+    Not frozen: a frozen dataclass costs about twice as much to build, and drivers build one per
+    tag per poll. Treat it as immutable all the same.
     """
 
     source: str
@@ -53,7 +55,7 @@ class Sample:
         return self.quality is Quality.GOOD
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Waveform:
     """A contiguous block of samples of a waveform tag (e.g. an accelerometer)."""
 

@@ -109,7 +109,7 @@ def mosquitto(mosquitto_factory) -> Mosquitto:
 class Collector:
     """A paho subscriber that records every message it receives (topic, payload bytes, retain)."""
 
-    def __init__(self, host: str, port: int, topics: list[str] | str = "#", qos: int = 1) -> None:
+    def __init__(self, host: str, port: int, topics: list[str] | str = "#", qos: int = 1, protocol: int = 5) -> None:
         import threading
 
         import paho.mqtt.client as mqtt
@@ -119,7 +119,7 @@ class Collector:
         self._subscribed = threading.Event()
         topics = [topics] if isinstance(topics, str) else topics
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311)
 
         def on_connect(client, userdata, flags, rc, props=None):
             client.subscribe([(t, qos) for t in topics])
