@@ -78,9 +78,9 @@ async def driver(port: int, ntags: int, seconds: float) -> tuple[float, int]:
     drv = ModbusDriver(cfg, DeviceHealth("bench"))
     emitted = 0
 
-    async def emit(sample) -> None:
+    async def emit(item) -> None:
         nonlocal emitted
-        emitted += 1
+        emitted += len(item) if isinstance(item, list) else 1
 
     task = asyncio.create_task(drv.run(emit))
     while emitted == 0:  # connected and first poll done

@@ -17,8 +17,9 @@ from gateway.health import DeviceHealth
 from gateway.model import Sample, Waveform
 from gateway.schema import Duration, Name, StrictModel
 
-# How a driver hands over what it read. Awaiting it applies back-pressure (bounded queue).
-Emit = Callable[[Sample | Waveform], Awaitable[None]]
+# How a driver hands over what it read: one Sample, one Waveform, or a list of Samples read
+# together (cheaper per value). Awaiting it applies back-pressure (bounded queue).
+Emit = Callable[[Sample | Waveform | list[Sample]], Awaitable[None]]
 
 
 class DeviceConfig(StrictModel):

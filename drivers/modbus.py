@@ -474,11 +474,13 @@ class ModbusDriver:
             except (ValueError, IndexError, struct.error):
                 await self._emit_checked(request, values, now, emit)
                 continue
+            samples = []
             for tag, value, floating in decoded:
                 if floating and (value != value or value in (math.inf, -math.inf)):
                     await self._emit_checked(request, values, now, emit, only=tag)
                     continue
-                await emit(Sample(sources[tag.name], value, now, good, tag.unit))
+                samples.append(Sample(sources[tag.name], value, now, good, tag.unit))
+            await emit(samples)  # one hand-over per request, not per tag
 
     async def _emit_checked(self, request: ReadRequest, values: Sequence[int] | Sequence[bool], now: float,
                             emit: Emit, only: ModbusTag | None = None) -> None:

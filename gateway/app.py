@@ -37,7 +37,8 @@ class Pipeline:
         self.buffer = buffer
         self.app = app
         self.started_at = started_at
-        self.queue: asyncio.Queue[Sample | Waveform] = asyncio.Queue(QUEUE_SIZE)
+        # Drivers put a Sample, a Waveform, or a list of Samples read together (one per request).
+        self.queue: asyncio.Queue[Sample | Waveform | list[Sample]] = asyncio.Queue(QUEUE_SIZE)
         self.analytics = AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units())
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
         self.drivers = [driver_registry.create(d) for d in cfg.devices if d.enabled]
@@ -76,6 +77,8 @@ class Pipeline:
     # ----- tasks -----
 
     async def run(self) -> None:
+        for problem in self.analytics.problems():
+            log.warning("analytics.problem", problem=problem)
         async with asyncio.TaskGroup() as tg:
             # Outputs first, inputs last (and the reverse on the way out).
             upstream = tg.create_task(self.upstream.run(), name="upstream.loop")
@@ -115,32 +118,36 @@ class Pipeline:
 
     async def _process(self) -> None:
         while True:
-            item = await self.queue.get()
-            batch = [item]
+            batch = [await self.queue.get()]
             while len(batch) < 1000 and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             records: list[Record] = []
+            waveforms: list[Waveform] = []
             done = False
             for item in batch:
                 if item is _DRAINED:
                     done = True
                     continue
+                for one in item if isinstance(item, list) else (item,):
+                    if isinstance(one, Waveform):
+                        waveforms.append(one)  # computed together below: windows closing at once batch
+                        continue
+                    try:
+                        self.analytics.on_sample(one)
+                        records.extend(self.rules.on_sample(one))
+                    except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
+                        log.exception("pipeline.sample_failed", source=one.source)
+            if waveforms:
                 try:
-                    records.extend(self._handle(item))
-                except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
-                    log.exception("pipeline.item_failed", source=getattr(item, "source", None))
+                    feature_records, features = self.analytics.on_waveforms(waveforms)
+                    records.extend(feature_records)
+                    for f in features:
+                        records.extend(self.rules.on_sample(f))
+                except Exception:  # noqa: BLE001
+                    log.exception("pipeline.waveforms_failed", sources=sorted({w.source for w in waveforms}))
             self._store(records)
             if done:
                 return
-
-    def _handle(self, item: Sample | Waveform) -> list[Record]:
-        if isinstance(item, Waveform):
-            records, features = self.analytics.on_waveform(item)
-            for f in features:
-                records.extend(self.rules.on_sample(f))
-            return records
-        self.analytics.on_sample(item)
-        return self.rules.on_sample(item)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -199,6 +206,7 @@ class Pipeline:
                 "last_error": self.upstream.last_error,
             },
             "queue": self.queue.qsize(),
+            "analyses": self.analytics.stats(),
             "rules": self.rules.health(),
         }
 

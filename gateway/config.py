@@ -27,10 +27,6 @@ from rules.base import REGISTRY as RULE_REGISTRY
 ENV_PREFIX = "EDGE_GATEWAY__"
 DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"
 
-# Scalar features every analysis offers as rule inputs (besides bearing.<defect>).
-SCALAR_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness", "velocity_rms")
-
-
 class GatewaySection(StrictModel):
     id: Name = Field(description="[A-Za-z0-9_-]+, unique per site; in every topic and payload")
     state_dir: Path = Field(Path("/var/lib/edge-gateway"), description="holds the buffer; must be writable")
@@ -118,11 +114,11 @@ class GatewayConfig(BaseSettings):
         return {d.name: d.tag_names() for d in self.devices}
 
     def known_inputs(self) -> set[str]:
+        from gateway.analytics import feature_names
+
         names = {f"{d.name}.{t}" for d in self.devices for t in d.tag_names()}
         for a in self.analyses:
-            names.update(f"{a.name}.{f}" for f in SCALAR_FEATURES if f in a.features or f == "velocity_rms")
-            if a.bearing is not None:
-                names.update(f"{a.name}.bearing.{d}" for d in a.bearing.orders)
+            names.update(feature_names(a))  # already qualified: analysis.feature
         return names
 
 
@@ -411,6 +407,10 @@ def summary(cfg: GatewayConfig, files: list[str] | None = None) -> str:
     lines.append(f"  rules     {len(cfg.rules)}")
     for r in cfg.rules:
         lines.append(f"    {r.name:<16} {r.type:<9} on {', '.join(r.inputs())}")
+    from gateway.analytics import AnalyticsEngine
+
+    for problem in AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units()).problems():
+        lines.append(f"  warning: {problem}")
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ def ring_response(fs: float, resonance_hz: float, damping: float) -> np.ndarray:
 def make_signal(fs: float, n: int, t0: float, shaft_hz: float, *, fault: Fault = None, severity: float = 0.0,
                 orders: BearingOrders = BearingOrders(), resonance_hz: float = 3000.0, damping: float = 0.05,
                 impact_g: float = 3.0, noise_g: float = 0.02, harmonics_g: tuple[float, ...] = (0.03, 0.012, 0.006),
-                slip: float = 0.02, rng: np.random.Generator | None = None) -> np.ndarray:
+                slip: float = 0.02, wear_g: float = 0.5, rng: np.random.Generator | None = None) -> np.ndarray:
     """`n` samples of acceleration (g, float32) starting at time `t0` (s) at `fs` Hz.
 
     `severity` (0..1 and beyond) scales the defect impacts; 0 is a healthy bearing. Consecutive
@@ -92,6 +92,15 @@ def make_signal(fs: float, n: int, t0: float, shaft_hz: float, *, fault: Fault =
         train = np.zeros(lead + n)
         np.add.at(train, index[keep], gains[keep])
         signal += fftconvolve(train, ring)[lead:lead + n]
+        # A spall that has grown also shakes the machine at the defect frequency itself (and at
+        # 1x through the looseness it brings): low-frequency energy that raises velocity RMS,
+        # so an advanced fault moves the ISO 10816 zone, not only the envelope. It grows with the
+        # square of severity: early faults show in the envelope long before they show here.
+        wear = wear_g * severity**2
+        if wear > 0:
+            signal += wear * np.sin(2 * np.pi * defect_hz * t + 0.3)
+            signal += 0.5 * wear * np.sin(2 * np.pi * 2 * defect_hz * t + 1.1)
+            signal += 0.3 * wear * np.sin(2 * np.pi * shaft_hz * t + 2.0)
     return signal.astype(np.float32)
 
 

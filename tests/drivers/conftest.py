@@ -19,8 +19,11 @@ class Run:
         self.items: list[Sample | Waveform] = []
         self.task: asyncio.Task | None = None
 
-    async def _emit(self, item: Sample | Waveform) -> None:
-        self.items.append(item)
+    async def _emit(self, item: Sample | Waveform | list[Sample]) -> None:
+        if isinstance(item, list):
+            self.items.extend(item)
+        else:
+            self.items.append(item)
 
     def start(self) -> "Run":
         self.task = asyncio.create_task(self.driver.run(self._emit), name="test.driver")
