@@ -83,7 +83,10 @@ async def driver(port: int, ntags: int, seconds: float) -> tuple[float, int]:
         emitted += len(item) if isinstance(item, list) else 1
 
     task = asyncio.create_task(drv.run(emit))
+    deadline = time.monotonic() + 15
     while emitted == 0:  # connected and first poll done
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the driver read nothing in 15 s: {drv.health.last_error}")
         await asyncio.sleep(0.01)
     first = emitted
     start = time.perf_counter()
