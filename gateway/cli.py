@@ -81,8 +81,13 @@ def cmd_simulate(args) -> int:
     from drivers.sim import run_simulator
 
     logs.configure("info")
-    options = {k: v for k, v in vars(args).items() if k.startswith("sim_") and v is not None}
-    options = {k.removeprefix("sim_"): v for k, v in options.items()}
+    options = {k.removeprefix("sim_"): v for k, v in vars(args).items() if k.startswith("sim_") and v is not None}
+    if "fault" in options:
+        options["fault"] = {"none": None, "bpfo": "outer", "bpfi": "inner"}[options["fault"]]
+    defaults = {"modbus": 5020, "opcua": 4840, "vibration": 1883}
+    where = f"{options.get('host', '127.0.0.1')}:{options.get('port', defaults[args.kind])}"
+    role = "publishing to the broker at" if args.kind == "vibration" else "listening on"
+    print(f"{args.kind} simulator {role} {where} (Ctrl-C stops)", flush=True)
     try:
         asyncio.run(run_simulator(args.kind, **options))
     except KeyboardInterrupt:
@@ -125,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["modbus", "opcua", "vibration"])
     p.add_argument("--host", dest="sim_host", help="address to listen on (modbus, opcua) or broker host (vibration)")
     p.add_argument("--port", dest="sim_port", type=int, help="port to listen on, or the broker port (vibration)")
-    p.add_argument("--fault", dest="sim_fault", choices=["none", "bpfo", "bpfi"], help="vibration: bearing fault")
+    p.add_argument("--fault", dest="sim_fault", choices=["none", "bpfo", "bpfi"],
+                   help="vibration: bearing fault, outer race (bpfo) or inner race (bpfi)")
+    p.add_argument("--severity", dest="sim_severity", type=float, help="vibration: initial fault severity (0..1)")
+    p.add_argument("--grow", dest="sim_grow_s", type=float, help="vibration: seconds for the fault to grow to full")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulated devices + broker + gateway, live in the terminal")

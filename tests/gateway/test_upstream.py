@@ -201,3 +201,47 @@ async def test_commands_get_replies(tmp_path, mosquitto, collector_factory):
     finally:
         up.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_username_password_and_mqtt_3_1_1(tmp_path, mosquitto_factory, collector_factory):
+    import shutil
+    import subprocess
+
+    passwd = tmp_path / "passwd"
+    subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", "-c", str(passwd),
+                    "line1", "s3cret"], check=True, capture_output=True)
+    os.chmod(passwd, 0o644)  # mosquitto may drop to its own user
+    broker = mosquitto_factory(extra_conf=f"password_file {passwd}\n")
+    broker.stop()
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    broker.start()
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    seqs = buffer.append([Record("data/x", {"i": i}, time.time()) for i in range(5)])
+    # wrong password: refused, nothing leaves the buffer
+    bad = make_upstream(buffer, broker.port, username="line1", password="nope", protocol="3.1.1")
+    task = asyncio.create_task(bad.run())
+    try:
+        assert await wait_until(lambda: bad.last_error is not None, 10)
+        assert "refused the connection" in bad.last_error and buffer.depth == 5
+    finally:
+        bad.stop()
+        await asyncio.wait_for(task, 10)
+    got: list[dict] = []
+    sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    sub.username_pw_set("line1", "s3cret")
+    sub.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    sub.on_connect = lambda c, u, f, rc, p=None: c.subscribe("edge/gw1/data/#", qos=1)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    await asyncio.sleep(0.5)
+    good = make_upstream(buffer, broker.port, username="line1", password_file=str(secret), protocol="3.1.1")
+    task = asyncio.create_task(good.run())
+    try:
+        assert await wait_until(lambda: sorted(p["seq"] for p in got) == seqs, 10)
+        assert await wait_until(lambda: buffer.depth == 0, 5)
+    finally:
+        good.stop()
+        await asyncio.wait_for(task, 10)
+        sub.loop_stop()

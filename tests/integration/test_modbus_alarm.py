@@ -55,3 +55,41 @@ async def test_threshold_alarm_raises_and_clears_end_to_end(tmp_path, mosquitto,
         assert retained and b'"cleared"' in payload
     finally:
         await sim.stop()
+
+
+async def test_restart_mid_alarm_and_rebirth(tmp_path, mosquitto, collector_factory, gateway_config):
+    machine = ControlledMachine()
+    machine.value = 90.0
+    port = free_port()
+    sim = await ModbusSimulator(model=machine).start_tcp("127.0.0.1", port)
+    collector = collector_factory(mosquitto, "edge/gw1/#")
+    raw = gateway_config(
+        devices=[{"name": "press1", "driver": "modbus", "host": "127.0.0.1", "port": port, "poll_interval": "200ms",
+                  "tags": [{"name": "temperature", "table": "holding", "address": 0, "type": "float32"}]}],
+        rules=[{"name": "hot", "type": "threshold", "input": "press1.temperature", "above": 80, "clear": 75}],
+    )
+    alarms = lambda: [p for _, p in collector.json("edge/gw1/alarms/hot")]  # noqa: E731
+    try:
+        async with running_gateway(tmp_path, raw):
+            assert await until(lambda: alarms(), 10)
+        raised = alarms()
+        # restarted while the value is still high: the active alarm is held, not raised again
+        async with running_gateway(tmp_path, raw) as app:
+            assert await until(lambda: len(collector.json("edge/gw1/data/press1")) >= 3, 10)
+            after_restart = alarms()[len(raised):]
+            # a reconnect re-publishes the last state (same since), never a new raise
+            assert all(a["state"] == "raised" and a["since"] == raised[0]["since"] for a in after_restart)
+            n = len(alarms())
+            collector.client.publish("edge/gw1/cmd/rebirth", "{}", qos=1)
+            assert await until(lambda: collector.json("edge/gw1/cmd/rebirth/reply"), 10)
+            reply = collector.json("edge/gw1/cmd/rebirth/reply")[0][1]
+            assert reply["ok"] is True and reply["alarms"] == 1
+            assert await until(lambda: len(alarms()) > n, 10)
+            assert alarms()[-1]["since"] == raised[0]["since"]
+            machine.value = 60.0
+            assert await until(lambda: alarms()[-1]["state"] == "cleared", 10)
+            assert app.pipeline.rules.health()["alarms_active"] == 0
+        assert sum(1 for a in alarms() if a["state"] == "cleared") == 1
+        assert len({a["seq"] for a in alarms()}) == len(alarms())  # each publication is its own record
+    finally:
+        await sim.stop()

@@ -1,0 +1,71 @@
+"""Commands that are not the daemon: simulate, buffer stats/dump, --version."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from pymodbus.client import ModbusTcpClient
+
+from gateway.buffer import Buffer
+from gateway.model import Record
+from tests.conftest import free_port, run_cli, wait_port
+
+
+def test_simulate_modbus_serves_a_real_modbus_device():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "modbus", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_port(port, 20)
+        client = ModbusTcpClient("127.0.0.1", port=port)
+        assert client.connect()
+        rr = client.read_holding_registers(0, count=16, device_id=1)
+        client.close()
+        assert not rr.isError()
+        temperature = client.convert_from_registers(rr.registers[0:2], client.DATATYPE.FLOAT32)
+        assert 30 < temperature < 60
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    assert f"modbus simulator listening on 127.0.0.1:{port}" in out
+
+
+def test_simulate_vibration_publishes_waveforms(mosquitto, collector_factory):
+    collector = collector_factory(mosquitto, "sensors/#")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "vibration", "--port", str(mosquitto.port),
+                             "--fault", "bpfi"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert collector.wait_for(lambda c: len([m for m in c.messages if m[0] == "sensors/motor1/accel"]) >= 2, 20)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    block = next(p for t, p, _ in collector.messages if t == "sensors/motor1/accel")
+    assert len(block) % 4 == 0 and len(block) >= 4 * 1024  # f32le samples
+
+
+def test_buffer_stats_and_dump(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway:\n  id: gw1\n  state_dir: {tmp_path}\n")
+    missing = run_cli("buffer", "stats", "-c", str(cfg))
+    assert missing.returncode == 1 and "no buffer" in missing.stderr
+    b = Buffer(tmp_path / "buffer.db", "gw1")
+    b.append([Record("data/a", {"i": i}, time.time()) for i in range(3)] + [Record("alarms/r", {"state": "raised"},
+                                                                                time.time(), kind="alarm", retain=True)])
+    b.close()
+    stats = run_cli("buffer", "stats", "--json", "-c", str(cfg))
+    assert stats.returncode == 0, stats.stderr
+    data = json.loads(stats.stdout)
+    assert data["depth"] == 4 and data["by_kind"] == {"alarm": 1, "data": 3} and data["next_seq"] == 5
+    dump = run_cli("buffer", "dump", "--limit", "2", "-c", str(cfg))
+    rows = [json.loads(line) for line in dump.stdout.splitlines()]
+    assert [r["topic"] for r in rows] == ["alarms/r", "data/a"] and rows[0]["retain"] is True
+    assert rows[1]["payload"]["seq"] == 1 and rows[1]["payload"]["gateway"] == "gw1"
+
+
+def test_version():
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("edge-gateway ")
