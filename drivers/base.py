@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.health import DeviceHealth
 from gateway.model import Sample, Waveform
@@ -76,6 +76,29 @@ class DriverError(Exception):
 
 class DeviceDisconnected(DriverError):
     """The link to the device is gone: the session ends and the driver reconnects with back-off."""
+
+
+async def until_lost(queue: asyncio.Queue, lost: asyncio.Event, what: str) -> AsyncIterator[Any]:
+    """Items of a callback-fed queue, until `lost` is set: then DeviceDisconnected(what).
+
+    For drivers whose peer library pushes data through callbacks (paho, asyncua subscriptions):
+    waiting on the queue alone would never notice that the link is gone.
+    """
+    lost_wait = asyncio.ensure_future(lost.wait())
+    try:
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            try:
+                done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                get.cancel()
+                raise
+            if get not in done:
+                get.cancel()
+                raise DeviceDisconnected(what)
+            yield get.result()
+    finally:
+        lost_wait.cancel()
 
 
 class Backoff:

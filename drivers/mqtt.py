@@ -8,6 +8,7 @@ down (TCP back-pressure) instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -18,7 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, register, supervise
+from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, register, supervise, until_lost
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample, Waveform
@@ -308,23 +309,10 @@ class MqttDriver:
             except asyncio.TimeoutError:
                 raise DeviceDisconnected("no CONNACK/SUBACK from broker") from None
             self.health.ok()
-            lost_wait = asyncio.ensure_future(lost.wait())
-            try:
-                while True:
-                    get = asyncio.ensure_future(queue.get())
-                    try:
-                        done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    except asyncio.CancelledError:
-                        get.cancel()
-                        raise
-                    if get not in done:
-                        get.cancel()
-                        raise DeviceDisconnected("broker connection lost")
-                    topic, payload, received = get.result()
+            async with contextlib.aclosing(until_lost(queue, lost, "broker connection lost")) as messages:
+                async for topic, payload, received in messages:
                     self.health.ok(now=received)
                     await self.handle(topic, payload, received, emit)
-            finally:
-                lost_wait.cancel()
         finally:
             closing = True
             while not queue.empty():  # frees a paho thread waiting for room

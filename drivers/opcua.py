@@ -8,6 +8,7 @@ works after a server restart that forgot every session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from asyncua.crypto import security_policies
 from cryptography import x509
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise
+from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise, until_lost
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample
@@ -250,25 +251,12 @@ class OpcUaDriver:
                 # the node does not exist or cannot be monitored: the tag is bad, not the device
                 self.health.bad_value(f"{tag.node}: {result.name}", key=f"tag:{tag.name}")
                 await emit(Sample(f"{cfg.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
-        lost_wait = asyncio.ensure_future(lost.wait())
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                try:
-                    done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-                except asyncio.CancelledError:
-                    get.cancel()
-                    raise
-                if get not in done:
-                    get.cancel()
-                    raise DeviceDisconnected("connection lost")
-                handle, dv, received = get.result()
+        async with contextlib.aclosing(until_lost(queue, lost, "connection lost")) as changes:
+            async for handle, dv, received in changes:
                 tag = by_handle.get(handle)
                 if tag is not None:
                     self.health.ok(now=received)
                     await self._emit_value(tag, dv, received, emit)
-        finally:
-            lost_wait.cancel()
 
     def _monitored_item(self, node, tag: OpcUaTag, handle: int) -> ua.MonitoredItemCreateRequest:  # noqa: ANN001
         params = ua.MonitoringParameters()

@@ -199,7 +199,7 @@ def render(view: Upstream, broker: str, started: float, duration: float | None,
                        f" | envelope BPFO {_fmt(bpfo.get('hz'))} Hz, SNR {_fmt(bpfo.get('snr_db'))} dB"
                        f" | dominant defect: {bearing.get('dominant') or 'none'}")
     for rule, counts in sorted((health.get("rules", {}).get("pass_fail") or {}).items()):
-        out.append(f"  test {rule}: pass {counts.get('pass')}, fail {counts.get('fail')}, yield {_fmt(counts.get('yield'))}")
+        out.append(f"  test {rule}: pass {counts.get('pass')}, fail {counts.get('fail')}, yield {_pct(counts.get('yield'))}")
     out += ["", "ALARMS"]
     active = [a for a in alarms.values() if a.get("state") == "raised"]
     if not active:
@@ -306,3 +306,7 @@ def main(args) -> int:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 0
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "-"

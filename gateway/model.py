@@ -26,8 +26,23 @@ _QUALITY_RANK = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
 Scalar = float | int | bool | str | None
 
 
+class _Sourced:
+    """`source` is `device.tag` (or `analysis.feature`): its two halves."""
+
+    __slots__ = ()
+    source: str
+
+    @property
+    def device(self) -> str:
+        return self.source.split(".", 1)[0]
+
+    @property
+    def tag(self) -> str:
+        return self.source.split(".", 1)[1]
+
+
 @dataclass(slots=True)
-class Sample:
+class Sample(_Sourced):
     """One scalar value of a tag (`device.tag`) or a feature (`analysis.feature`).
 
     A bad-quality sample carries value None (or the last raw value for diagnosis,
@@ -43,20 +58,12 @@ class Sample:
     unit: str | None = None
 
     @property
-    def device(self) -> str:
-        return self.source.split(".", 1)[0]
-
-    @property
-    def tag(self) -> str:
-        return self.source.split(".", 1)[1]
-
-    @property
     def good(self) -> bool:
         return self.quality is Quality.GOOD
 
 
 @dataclass(slots=True)
-class Waveform:
+class Waveform(_Sourced):
     """A contiguous block of samples of a waveform tag (e.g. an accelerometer)."""
 
     source: str
@@ -65,14 +72,6 @@ class Waveform:
     ts: float  # epoch seconds of the first sample
     unit: str | None = None
     quality: Quality = Quality.GOOD
-
-    @property
-    def device(self) -> str:
-        return self.source.split(".", 1)[0]
-
-    @property
-    def tag(self) -> str:
-        return self.source.split(".", 1)[1]
 
     @property
     def duration(self) -> float:
