@@ -48,13 +48,15 @@ class Pipeline:
             on_connected=self._republish_alarms, on_command=app.command,
         )
         self._stop = asyncio.Event()
+        self._final = True  # False when a reload retires this pipeline: the gateway stays online
         self._acked_at_last_health = (time.monotonic(), 0)
 
     @property
     def device_health(self) -> dict[str, DeviceHealth]:
         return {d.config.name: d.health for d in self.drivers}
 
-    def stop(self) -> None:
+    def stop(self, *, final: bool = True) -> None:
+        self._final = final
         self._stop.set()
 
     # ----- writing to the buffer -----
@@ -98,7 +100,7 @@ class Pipeline:
             for task in timers:
                 task.cancel()
             self._store(self.analytics.flush_summaries(time.time()))
-            self.upstream.stop()
+            self.upstream.stop(final=self._final)
             await upstream
 
     async def _supervise(self, driver) -> None:
@@ -278,7 +280,7 @@ class App:
                     running = tg.create_task(self.pipeline.run(), name="pipeline.run")
                     self.notifier.ready(f"running {len(self.cfg.devices)} devices")
                     await _first(self._stopping.wait(), self._reload.wait(), running)
-                    self.pipeline.stop()
+                    self.pipeline.stop(final=not self._reload.is_set() or self._stopping.is_set())
                     await running
                     if self._reload.is_set() and not self._stopping.is_set():
                         self._reload.clear()

@@ -68,6 +68,7 @@ class Upstream:
         self.refused = 0  # acknowledged with a failure reason code, since start
         self._wake = asyncio.Event()
         self._stopping = False
+        self._final = True
         self._transitions = Transitions("upstream", broker=f"{cfg.host}:{cfg.port}")
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +95,10 @@ class Upstream:
         return json.dumps({"gateway": self.gateway_id, "state": state, "version": __version__,
                            "started_at": iso_ts(self.started_at), "ts": iso_ts(time.time())}).encode()
 
-    def stop(self) -> None:
+    def stop(self, *, final: bool = True) -> None:
+        """End the link. `final=False` (a reload): the gateway is not going offline, so no
+        `offline` status; a clean DISCONNECT keeps the broker from sending the will either."""
+        self._final = final
         self._stopping = True
         self._wake.set()
 
@@ -202,8 +206,9 @@ class Upstream:
             await self._pump(client, inflight, acked, refused, space, lost)
             if self._stopping:
                 await self._settle(client, inflight, acked, refused, space)
-                info = client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
-                await loop.run_in_executor(None, lambda: info.wait_for_publish(2.0))
+                if self._final:
+                    info = client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
+                    await loop.run_in_executor(None, lambda: info.wait_for_publish(2.0))
                 client.disconnect()
             elif lost.done():
                 raise UpstreamError(f"connection lost: {lost.result()}")

@@ -100,6 +100,8 @@ def test_sighup_with_a_broken_file_keeps_running(tmp_path, mosquitto, collector_
         proc.send_signal(signal.SIGHUP)
         assert collector.wait_for(lambda c: "config.reloaded" in (tmp_path / "daemon.log").read_text(), 10)
         assert proc.poll() is None
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/status")) >= 2, 10)  # online again after reload
+        assert {p["state"] for _, p in collector.json("edge/gw1/status")} == {"online"}, "a reload is not offline"
     finally:
         rc, _ = stop(proc)
     assert rc == 0
