@@ -178,6 +178,11 @@ class Upstream:
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
         client.on_message = on_message
+        # Only the network thread may write to the socket. Without paho's own thread, publish()
+        # would write directly from the calling thread, interleaving bytes with the network
+        # thread's writes (a corrupt stream: the broker drops the connection). With a write
+        # callback registered, publish() queues the packet and wakes the network thread instead.
+        client.on_socket_register_write = lambda client, userdata, sock: None
         try:
             await loop.run_in_executor(None, lambda: client.connect(**connect_kwargs(self.cfg)))
         except Exception as exc:  # noqa: BLE001 - every connect failure is reported the same way

@@ -47,7 +47,9 @@ class Mosquitto:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            "max_queued_messages 0",
+            # Deliveries are counted: no queue limit (the default 1000 drops silently). Not 0 for
+            # "unlimited": Mosquitto 2.0.11 then drops an MQTT 5 client right after denying it a publish.
+            "max_queued_messages 10000000",
             "max_inflight_messages 0",
             "persistence false",
             f"log_dest file {self.log}",
