@@ -12,6 +12,7 @@ stay in the buffer and are sent again on the next one (at least once; `seq` tell
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import ssl
@@ -72,7 +73,7 @@ class Upstream:
         self._transitions = Transitions("upstream", broker=f"{cfg.host}:{cfg.port}")
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._window = min(max(2 * cfg.max_inflight, 200), 60_000)  # never near paho's 16-bit mids
+        self._window = min(max(4 * cfg.max_inflight, 1000), 60_000)  # never near paho's 16-bit mids
 
     # ----- API for the app -----
 
@@ -149,20 +150,33 @@ class Upstream:
             loop.call_soon_threadsafe(settle, lost, reason_code)
             loop.call_soon_threadsafe(settle, connected, reason_code)
 
-        def handle_ack(mid: int, reason_code) -> None:
-            row = inflight.pop(mid, None)
-            if row is None:
-                return
-            (refused if reason_code.is_failure else acked).append(row)
-            if reason_code.is_failure:
-                self._transitions.bad(f"refused:{row.topic}", f"broker refused publish: {reason_code}",
-                                      topic=self.topic(row.topic))
+        # PUBACKs arrive on the network thread. They are queued there and handed to the loop in
+        # bursts: one wake-up of the loop per burst rather than one per acknowledgement.
+        arrived: collections.deque = collections.deque()
+        scheduled = [False]
+
+        def take_acks() -> None:
+            scheduled[0] = False
+            while arrived:
+                mid, reason_code = arrived.popleft()
+                row = inflight.pop(mid, None)
+                if row is None:
+                    continue
+                if reason_code.is_failure:
+                    refused.append(row)
+                    self._transitions.bad(f"refused:{row.topic}", f"broker refused publish: {reason_code}",
+                                          topic=self.topic(row.topic))
+                else:
+                    acked.append(row)
             # Wake the pump when there is room for a batch, not on every ack.
             if len(inflight) <= self._window // 2 or len(acked) >= self.cfg.batch:
                 space.set()
 
         def on_publish(client, userdata, mid, reason_code, properties) -> None:
-            loop.call_soon_threadsafe(handle_ack, mid, reason_code)
+            arrived.append((mid, reason_code))
+            if not scheduled[0]:
+                scheduled[0] = True
+                loop.call_soon_threadsafe(take_acks)
 
         def on_message(client, userdata, msg) -> None:
             if msg.retain:
