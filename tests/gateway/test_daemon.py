@@ -70,7 +70,10 @@ def test_sigterm_exits_0_quickly_with_buffer_intact(tmp_path):
     buf.append([Record("data/x", {"i": i}, time.time()) for i in range(100)])
     buf.close()
     proc = start(cfg, tmp_path)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 20
+    while "gateway.started" not in (tmp_path / "daemon.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # running, and trying to reach the missing broker
     rc, took = stop(proc)
     assert rc == 0 and took < 5.0
     log = (tmp_path / "daemon.log").read_text()
