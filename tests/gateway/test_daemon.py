@@ -126,6 +126,18 @@ def test_status_health_and_commands(tmp_path, mosquitto, collector_factory):
         collector.client.publish("edge/gw1/cmd/ping", "{}", qos=1)
         assert collector.wait_for(lambda c: c.json("edge/gw1/cmd/ping/reply"), 10)
         assert collector.json("edge/gw1/cmd/ping/reply")[0][1]["ok"] is True
+        # cmd/reload: a broken file is refused with the reasons, a good one is taken
+        good = cfg.read_text()
+        cfg.write_text(good + "summaries:\n  interval: often\n")
+        collector.client.publish("edge/gw1/cmd/reload", '{"id": "r1"}', qos=1)
+        assert collector.wait_for(lambda c: c.json("edge/gw1/cmd/reload/reply"), 10)
+        refused = collector.json("edge/gw1/cmd/reload/reply")[0][1]
+        assert refused["ok"] is False and "summaries.interval" in refused["error"] and refused["id"] == "r1"
+        cfg.write_text(good)
+        collector.client.publish("edge/gw1/cmd/reload", "{}", qos=1)
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/cmd/reload/reply")) == 2, 10)
+        assert collector.json("edge/gw1/cmd/reload/reply")[1][1]["ok"] is True
+        assert proc.poll() is None
     finally:
         rc, _ = stop(proc)
     assert rc == 0
