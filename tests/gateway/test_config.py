@@ -136,3 +136,12 @@ def test_check_config_cli_exit_codes(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert f"{bad}:8: buffer.max_bytes: invalid size '12zz': expected e.g. 64MiB, 1GiB, 500MB" in lines
     assert f"{bad}:9: buffer.nope: unknown key" in lines
+
+
+def test_shipped_configs_are_valid():
+    from tests.conftest import REPO
+
+    for name in ("example.yaml", "demo.yaml"):
+        res = run_cli("check-config", "-c", str(REPO / "config" / name))
+        assert res.returncode == 0, res.stderr
+        assert "configuration is valid" in res.stdout
