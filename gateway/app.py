@@ -45,7 +45,7 @@ class Pipeline:
         self.upstream = Upstream(
             cfg.upstream, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix,
             client_id=cfg.client_id, started_at=started_at,
-            on_connected=self._republish_alarms, on_command=app.command,
+            on_connected=self._on_connected, on_command=app.command,
         )
         self._stop = asyncio.Event()
         self._final = True  # False when a reload retires this pipeline: the gateway stays online
@@ -67,9 +67,11 @@ class Pipeline:
             self.buffer.append(records, state=state)
             self.upstream.wake()
 
-    def _republish_alarms(self) -> None:
-        """After each connect the broker gets the last state of every alarm again."""
+    def _on_connected(self) -> None:
+        """After each connect: the last state of every alarm again, and a health report at once
+        (the one sent right after start may have found the broker not yet connected)."""
         self._store(self.rules.retained())
+        self.upstream.publish_direct("health", self.health_payload())
 
     def rebirth(self) -> int:
         records = self.rules.retained()

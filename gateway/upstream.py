@@ -229,6 +229,9 @@ class Upstream:
                     info = client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
                     await loop.run_in_executor(None, lambda: info.wait_for_publish(2.0))
                 client.disconnect()
+                # The network thread writes what is queued (command replies, DISCONNECT) and
+                # ends by itself when the broker closes the link.
+                await loop.run_in_executor(None, network.join, 2.0)
             elif lost.done():
                 raise UpstreamError(f"connection lost: {lost.result()}")
         finally:

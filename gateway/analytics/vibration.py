@@ -228,6 +228,8 @@ def time_features(X: np.ndarray) -> dict[str, list[float]]:
     """
     X = np.atleast_2d(X)
     m, n = X.shape
+    if m == 1:
+        return _time_features_one(X[0])
     mx = X.max(axis=-1).tolist()
     mn = X.min(axis=-1).tolist()
     mean_a = np.add.reduce(X, axis=-1) / n
@@ -258,6 +260,33 @@ def time_features(X: np.ndarray) -> dict[str, list[float]]:
         out["skewness"].append(m3[r] / (m2[r] * math.sqrt(m2[r])) if defined else nan)
         out["mean"].append(mean)
     return out
+
+
+def _time_features_one(x: np.ndarray) -> dict[str, list[float]]:
+    """time_features of a single 1-D window: the same arithmetic (one centred copy, its square,
+    three BLAS dots) without the 2-D reductions and per-row lists, whose fixed cost dominates
+    for one window."""
+    n = x.shape[0]
+    mx = float(x.max())
+    mn = float(x.min())
+    mean = float(np.add.reduce(x)) / n
+    d = x - mean
+    d2 = d * d
+    m2 = float(np.dot(d, d)) / n
+    m3 = float(np.dot(d2, d)) / n
+    m4 = float(np.dot(d2, d2)) / n
+    ms = m2 + mean * mean
+    rms = math.sqrt(ms)
+    peak = max(mx, -mn)
+    nan = math.nan
+    defined = m2 > _EPS16 * ms and m2 > 0
+    return {
+        "rms": [rms], "peak": [peak], "peak_to_peak": [mx - mn],
+        "crest_factor": [peak / rms if rms > 0 else nan],
+        "kurtosis": [m4 / (m2 * m2) if defined else nan],
+        "skewness": [m3 / (m2 * math.sqrt(m2)) if defined else nan],
+        "mean": [mean],
+    }
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -316,21 +345,49 @@ def _top_k(cand: np.ndarray, k: int) -> np.ndarray:
     return cc[order][starts[:, None] + np.arange(k)]
 
 
+_NEIGHBOURS = np.arange(-1, 2)
+
+
+def _top_k_1d(cand: np.ndarray, k: int) -> np.ndarray:
+    """_top_k for one row (1-D cand): same bound from strided block maxima, same ranking."""
+    K = cand.shape[0]
+    nb = K // _BLOCK
+    if nb >= 2 * k:
+        bm = cand[: nb * _BLOCK].reshape(_BLOCK, nb).max(axis=0)
+        bound = np.partition(bm, -k)[-k]
+        if bound > 0:
+            flat = np.flatnonzero(cand >= bound)
+            return flat[np.argsort(-cand[flat])[:k]]
+    return np.argpartition(cand, -k)[-k:]
+
+
 def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> list[list[tuple[float, float]]]:
     """The `count` largest local maxima of each power spectrum row of P (m, K) as
     [(hz, amplitude), ...] per row, largest first (fewer when a row has fewer maxima)."""
     m, K = P.shape
     if count <= 0 or K < 3:
         return [[] for _ in range(m)]
-    c = P[:, 1:-1]
-    cand = c * ((c > P[:, :-2]) & (c >= P[:, 2:]))  # 0 where not a local maximum
-    k = min(count, cand.shape[1])
-    r = np.arange(m)[:, None]
-    top = _top_k(cand, k)
-    bins = top + 1
-    # (m, k, 3) powers of each peak bin and its neighbours, to Python in one go
-    trip = np.sqrt(P[r[..., None], bins[..., None] + np.arange(-1, 2)]).tolist()
-    bins_l = bins.tolist()
+    k = min(count, K - 2)
+    if m == 1:
+        # One window: 1-D operations, the local-maximum mask built in place (one bool temporary
+        # instead of three) and the top k found without the 2-D bookkeeping of _top_k.
+        p = P[0]
+        c = p[1:-1]
+        mask = np.greater(c, p[:-2])
+        mask &= np.greater_equal(c, p[2:])
+        cand = c * mask  # 0 where not a local maximum
+        bins = _top_k_1d(cand, k) + 1
+        trip = [np.sqrt(p[bins[:, None] + _NEIGHBOURS]).tolist()]
+        bins_l = [bins.tolist()]
+    else:
+        c = P[:, 1:-1]
+        cand = c * ((c > P[:, :-2]) & (c >= P[:, 2:]))  # 0 where not a local maximum
+        r = np.arange(m)[:, None]
+        top = _top_k(cand, k)
+        bins = top + 1
+        # (m, k, 3) powers of each peak bin and its neighbours, to Python in one go
+        trip = np.sqrt(P[r[..., None], bins[..., None] + _NEIGHBOURS]).tolist()
+        bins_l = bins.tolist()
     df, scale = plan.df, plan.amp_scale
     out = []
     for row_bins, row in zip(bins_l, trip):
@@ -350,6 +407,12 @@ def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> list[list[tuple[flo
 def envelope_spectrum(S: np.ndarray, plan: Plan, workers: int | None = None) -> np.ndarray:
     """Amplitude spectrum of the squared envelope, bins 0..env_bins at resolution plan.df,
     from the rfft S (m, K) of the Hann-windowed signal."""
+    return _envelope_padded(S, plan, workers)[:, : plan.env_bins + 1]
+
+
+def _envelope_padded(S: np.ndarray, plan: Plan, workers: int | None = None) -> np.ndarray:
+    """envelope_spectrum with one spare column at the end (m, env_bins + 2), which
+    bearing_lines fills with +inf in place instead of copying the spectrum into a padded array."""
     m = S.shape[0]
     L, k1, k2 = plan.env_len, plan.k1, plan.k2
     Y = np.zeros((m, L), dtype=np.complex128)
@@ -358,12 +421,21 @@ def envelope_spectrum(S: np.ndarray, plan: Plan, workers: int | None = None) -> 
     Y[:, : k2 - k1] = S[:, k1:k2]
     a = sfft.ifft(Y, axis=-1, overwrite_x=True, workers=workers)
     e = _power(a)  # squared envelope up to the constant env_gain, applied at the end
-    # Remove the (window-weighted) mean: e carries Hann^2, so the DC to remove is c * Hann^2.
-    c = e.sum(axis=-1) / plan.env_w2_sum
-    e -= c[:, None] * plan.env_w2
-    E = sfft.rfft(e, axis=-1, overwrite_x=True, workers=workers)[:, : plan.env_bins + 1]
-    amp = np.abs(E)
-    amp *= plan.env_gain * 2.0 / plan.env_w2_sum
+    B = plan.env_bins + 1
+    E = sfft.rfft(e, axis=-1, overwrite_x=True, workers=workers)
+    # Remove the (window-weighted) mean: e carries Hann^2, so the DC to remove is c * Hann^2
+    # with c = sum(e) / sum(Hann^2). The FFT is linear and the periodic Hann^2 has only bins
+    # 0..2, and sum(e) is E's DC bin: subtracting c * rfft(Hann^2)[:3] from E[:, :3] is the
+    # time-domain subtraction without two passes over e and without the sum.
+    c = E[:, 0].real / plan.env_w2_sum
+    w2hat = plan.extra.get("w2hat")
+    if w2hat is None:
+        w2hat = plan.extra["w2hat"] = sfft.rfft(plan.env_w2)[:3]
+    E[:, :3] -= c[:, None] * w2hat
+    # Amplitude with one spare column, set to +inf by bearing_lines (see there).
+    amp = np.empty((m, B + 1))
+    np.abs(E[:, :B], out=amp[:, :B])
+    amp[:, :B] *= plan.env_gain * 2.0 / plan.env_w2_sum
     return amp
 
 
@@ -385,6 +457,8 @@ class _LineGeometry:
     ok: np.ndarray  # the line and a background lie inside the spectrum
     all_ok: bool
     expected: np.ndarray  # target, NaN where unknown
+    nearest_hz: np.ndarray | None = None  # frequency of `nearest` (single-row geometry only)
+    nbr: np.ndarray | None = None  # (1, 2) offsets of a bin's two neighbours
 
 
 def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
@@ -426,6 +500,8 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
         pos_lo=rows + np.maximum((count - 1) // 2, 0), pos_hi=rows + np.maximum(count // 2, 0),
         ok=ok, all_ok=bool(ok.all()), expected=np.where(known, target, np.nan),
     )
+    g.nearest_hz = g.nearest * df
+    g.nbr = np.array([[-1, 1]])
     if len(cache) > 256:  # speeds from a shaft_tag vary; keep the cache bounded
         cache.clear()
     cache[speed] = g
@@ -459,7 +535,8 @@ def _rows_geometry(geos: list[_LineGeometry], B: int) -> _LineGeometry:
     return _LineGeometry(width=W, bwidth=Wb, all_ok=bool(cat["ok"].all()), **cat)
 
 
-def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str, Any]:
+def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray,
+                  padded: np.ndarray | None = None) -> dict[str, Any]:
     """Defect lines in envelope spectra env (m, B) for each row's shaft speed (m,), NaN = unknown.
 
     For every defect order and harmonic h = 1..HARMONICS: the largest bin within
@@ -486,26 +563,20 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str
     g = _rows_geometry([_line_geometry(plan, float(speeds[r])) for r in known_rows], B)
     # Rows back to back, each with an +inf column at index B: the background's padding
     # (sorted past the median) and a harmless right neighbour of the last bin.
-    Einf = np.empty((k, B + 1))
-    Einf[:, :B] = env if k == m else env[known_rows]
+    # `padded`: env with the spare column already allocated (from _envelope_padded): no copy.
+    if padded is not None and k == m:
+        Einf = padded
+    else:
+        Einf = np.empty((k, B + 1))
+        Einf[:, :B] = env if k == m else env[known_rows]
     Einf[:, B] = np.inf
     flat = Einf.reshape(-1)
     df = plan.env_df
 
-    vals = flat[g.sidx]  # (k*DH, W)
-    a0 = vals.max(axis=-1)
-    j = g.lo + vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
-    j_hz = (j % (B + 1)) * df
-    # Found = a local maximum at most tolerance + half a bin from the expected frequency
-    # (the bin centre is within half a bin of the true line).
-    found = (a0 >= flat[j - 1]) & (a0 >= flat[j + 1]) & (np.abs(j_hz - g.target) <= g.reach)
-    amp = np.where(found, a0, flat[g.nearest])
-    hz = np.where(found, j_hz, (g.nearest % (B + 1)) * df)
-    bvals = flat[g.bidx]
-    bvals.sort(axis=-1)
-    bflat = bvals.reshape(-1)
-    med = 0.5 * (bflat[g.pos_lo] + bflat[g.pos_hi])
-    snr = 20.0 * np.log10(amp / med)
+    if k == 1:
+        amp, hz, snr, found = _lines_one(flat, g, df)
+    else:
+        amp, hz, snr, found = _lines_rows(flat, g, df, B)
     expected = g.expected
     if not g.all_ok:
         bad = ~g.ok
@@ -522,6 +593,49 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray) -> dict[str
     for key in ("expected_hz", "hz", "amplitude", "snr_db", "found"):
         result[key][known_rows] = out[key].reshape(k, D, HARMONICS)
     return result
+
+
+def _lines_one(row: np.ndarray, g: _LineGeometry, df: float) -> tuple[np.ndarray, ...]:
+    """_lines_rows for a single row (B + 1 with the +inf column): the same tests with fewer
+    NumPy calls (one gather for both neighbours, no row-offset modulo, frequencies of the
+    nearest bins from the cached geometry)."""
+    vals = row[g.sidx]  # (DH, W)
+    jj = vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
+    j = g.lo + jj
+    a0 = row[j]
+    j_hz = j * df
+    # Local maximum: a0 >= max(left, right) (NaN anywhere fails, as with two comparisons).
+    found = a0 >= row[j[:, None] + g.nbr].max(axis=-1)
+    found &= np.abs(j_hz - g.target) <= g.reach
+    amp = np.where(found, a0, row[g.nearest])
+    hz = np.where(found, j_hz, g.nearest_hz)
+    bvals = row[g.bidx]
+    bvals.sort(axis=-1)
+    bflat = bvals.reshape(-1)
+    med = bflat[g.pos_lo]
+    med += bflat[g.pos_hi]
+    med *= 0.5
+    snr = np.log10(amp / med)
+    snr *= 20.0
+    return amp, hz, snr, found
+
+
+def _lines_rows(flat: np.ndarray, g: _LineGeometry, df: float, B: int) -> tuple[np.ndarray, ...]:
+    vals = flat[g.sidx]  # (k*DH, W)
+    a0 = vals.max(axis=-1)
+    j = g.lo + vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
+    j_hz = (j % (B + 1)) * df
+    # Found = a local maximum at most tolerance + half a bin from the expected frequency
+    # (the bin centre is within half a bin of the true line).
+    found = (a0 >= flat[j - 1]) & (a0 >= flat[j + 1]) & (np.abs(j_hz - g.target) <= g.reach)
+    amp = np.where(found, a0, flat[g.nearest])
+    hz = np.where(found, j_hz, (g.nearest % (B + 1)) * df)
+    bvals = flat[g.bidx]
+    bvals.sort(axis=-1)
+    bflat = bvals.reshape(-1)
+    med = 0.5 * (bflat[g.pos_lo] + bflat[g.pos_hi])
+    snr = 20.0 * np.log10(amp / med)
+    return amp, hz, snr, found
 
 
 def dominant_defect(snr: np.ndarray, names: list[str]) -> list[str | None]:
@@ -623,11 +737,18 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
     if plan.weights is not None:
         # (m, bands [+ velocity]) mean squares
         # A band with no bin at this resolution/sample rate (e.g. above Nyquist) is unknown, not 0.
-        acc = np.stack([P[:, lo:hi] @ w if hi > lo else np.full(m, np.nan)
-                        for lo, hi, w in plan.weights], axis=1) * plan.power_scale
-        rms_cols = np.sqrt(np.maximum(acc, 0.0))
+        if m == 1:
+            # One window: BLAS dots straight to Python floats, no (1, K) stack / sqrt arrays.
+            p0, ps = P[0], plan.power_scale
+            rms_cols = [[math.sqrt(max(float(np.dot(p0[lo:hi], w)) * ps, 0.0)) if hi > lo
+                         else math.nan for lo, hi, w in plan.weights]]
+        else:
+            acc = np.stack([P[:, lo:hi] @ w if hi > lo else np.full(m, np.nan)
+                            for lo, hi, w in plan.weights], axis=1) * plan.power_scale
+            rms_cols = np.sqrt(np.maximum(acc, 0.0)).tolist()
         if "velocity_rms" in feats:
-            vel = rms_cols[:, plan.band_count].tolist() if spec.accel_scale is not None else [None] * m
+            vel = ([row[plan.band_count] for row in rms_cols] if spec.accel_scale is not None
+                   else [None] * m)
             for r in range(m):
                 out[r]["velocity_rms"] = _clean(vel[r])
     elif "velocity_rms" in feats:
@@ -636,7 +757,8 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
 
     if "spectrum" in feats:
         peaks = spectrum_peaks(P, plan, spec.peaks)
-        bands = rms_cols[:, : plan.band_count].tolist() if plan.band_count else [[] for _ in range(m)]
+        bands = ([row[: plan.band_count] for row in rms_cols] if plan.band_count
+                 else [[] for _ in range(m)])
         for r in range(m):
             out[r]["spectrum"] = {
                 "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in peaks[r]],
@@ -647,9 +769,12 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
     if "envelope" in feats:
         speeds = np.array([np.nan if v is None or plan.env_len == 0 else float(v) for v in shaft_hz],
                           dtype=np.float64)
-        env = (envelope_spectrum(S, plan, workers=workers) if plan.env_len
-               else np.zeros((m, 2)))
-        lines = bearing_lines(env, plan, speeds)
+        if plan.env_len:
+            padded = _envelope_padded(S, plan, workers=workers)
+            env = padded[:, :-1]
+        else:
+            padded, env = None, np.zeros((m, 2))
+        lines = bearing_lines(env, plan, speeds, padded)
         dom = dominant_defect(lines["snr_db"], lines["names"])
         hz_l = lines["hz"].tolist()
         amp_l = lines["amplitude"].tolist()
