@@ -24,7 +24,7 @@ from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample, Waveform
 from gateway.mqttclient import connect_kwargs, make_client
-from gateway.schema import BrokerConfig, Name, StrictModel
+from gateway.schema import BrokerConfig, Duration, Name, StrictModel
 
 log = logs.get("drivers.mqtt")
 
@@ -45,6 +45,9 @@ class MqttSubscription(StrictModel):
     ts_path: str | None = None  # json: dotted path to a source timestamp (epoch s, epoch ms or ISO 8601)
     sample_rate: float | None = Field(None, gt=0)  # Hz, required for waveform formats
     samples: int | None = Field(None, ge=1)  # expected samples per block; other lengths are rejected
+    # Waveforms: how late a block may arrive (beyond half a block) and still continue the previous
+    # one; later than that, a block is taken as lost and the windows start again.
+    jitter: Duration = 0.1
     scale: float = 1.0
     offset: float = 0.0
     qos: Literal[0, 1, 2] = 1
@@ -205,6 +208,8 @@ def _finish_waveform(sub: MqttSubscription, array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The driver
 
+MAX_LEAD_S = 5.0  # a waveform stream may run this far ahead of its arrival clock (bursts)
+
 
 class MqttDriver:
     def __init__(self, config: MqttConfig, health: DeviceHealth) -> None:
@@ -217,18 +222,24 @@ class MqttDriver:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
                         self.config.reconnect_max)
 
-    def _block_start(self, topic: str, n: int, fs: float, received: float) -> float:
+    def _block_start(self, topic: str, n: int, fs: float, received: float, jitter: float) -> float:
         """Timestamp of a block's first sample, by the sensor's sample clock.
 
         A block is published once complete, so on arrival its first sample is one block duration
-        old; but arrival times jitter by milliseconds through a broker, which would look like gaps
-        to the windows. While a block arrives within half a block duration of where the previous
-        one ended, it continues the previous one exactly; otherwise (a lost block, a restarted
-        sensor, clock drift) the clock is set anew from the arrival time.
+        old; but arrival times jitter through a broker by more than a short block lasts, which
+        would look like gaps to the windows. So a block continues the previous one exactly unless
+        it arrives later than half a block plus `jitter` (a block was lost, or the sensor paused)
+        or far earlier than the clock says (more than MAX_LEAD_S: a restarted sensor, a clock
+        far off); then the clock is set anew from the arrival time. An early block is a burst
+        (the sensor catching up after a hiccup), not a loss.
         """
         naive = received - n / fs
         expected = self._next_start.get(topic)
-        start = expected if expected is not None and abs(naive - expected) <= 0.5 * n / fs else naive
+        late = naive - expected if expected is not None else None
+        if late is not None and -MAX_LEAD_S <= late <= 0.5 * n / fs + jitter:
+            start = expected
+        else:
+            start = naive
         self._next_start[topic] = start + n / fs
         return start
 
@@ -250,7 +261,7 @@ class MqttDriver:
             if sub.waveform:
                 assert sub.sample_rate is not None
                 await emit(Waveform(source, value, sub.sample_rate, self._block_start(topic, value.size, sub.sample_rate,
-                                                                                      received), sub.unit))
+                                                                                      received, sub.jitter), sub.unit))
             else:
                 await emit(Sample(source, value, ts if ts is not None else received, Quality.GOOD, sub.unit))
 

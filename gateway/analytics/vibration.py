@@ -348,6 +348,38 @@ def _top_k(cand: np.ndarray, k: int) -> np.ndarray:
 _NEIGHBOURS = np.arange(-1, 2)
 
 
+def _peak_bins_1d(p: np.ndarray, k: int) -> np.ndarray:
+    """Bins (1..K-2) of the k largest local maxima (p[b] > p[b-1], p[b] >= p[b+1]) of one power
+    spectrum p, by value, largest first; the same as ranking the masked spectrum of the
+    multi-row path, without building the mask over all K bins (four passes and two spectrum-
+    sized temporaries, which dominate the cost for one window).
+
+    If the set {p >= t} holds at least k local maxima, it holds the k largest: any local
+    maximum outside is below t. t is the (8k)-th largest of 256-odd strided group maxima, so
+    the set is small (a few dozen bins: peaks and their flanks) and its local maxima are
+    checked by gathering the neighbours of those bins only. Rare spectra whose set holds fewer
+    than k maxima (e.g. one broad hump) take the full mask.
+    """
+    K = p.shape[0]
+    c = p[1:-1]
+    nb = c.shape[0] // _BLOCK
+    kk = 8 * k
+    if nb >= 2 * kk:
+        bm = c[: nb * _BLOCK].reshape(_BLOCK, nb).max(axis=0)
+        t = np.partition(bm, -kk)[-kk]
+        if t > 0:
+            sel = np.flatnonzero(c >= t) + 1
+            v = p[sel]
+            # sel + 1 <= K - 1: the last bin is never in sel (c excludes it).
+            is_max = (v > p[sel - 1]) & (v >= p[sel + 1])
+            if np.count_nonzero(is_max) >= k:
+                sel = sel[is_max]
+                return sel[np.argsort(-p[sel])[:k]]
+    mask = np.greater(c, p[:-2])
+    mask &= np.greater_equal(c, p[2:])
+    return _top_k_1d(c * mask, k) + 1  # masked: 0 where not a local maximum
+
+
 def _top_k_1d(cand: np.ndarray, k: int) -> np.ndarray:
     """_top_k for one row (1-D cand): same bound from strided block maxima, same ranking."""
     K = cand.shape[0]
@@ -369,14 +401,8 @@ def spectrum_peaks(P: np.ndarray, plan: Plan, count: int) -> list[list[tuple[flo
         return [[] for _ in range(m)]
     k = min(count, K - 2)
     if m == 1:
-        # One window: 1-D operations, the local-maximum mask built in place (one bool temporary
-        # instead of three) and the top k found without the 2-D bookkeeping of _top_k.
         p = P[0]
-        c = p[1:-1]
-        mask = np.greater(c, p[:-2])
-        mask &= np.greater_equal(c, p[2:])
-        cand = c * mask  # 0 where not a local maximum
-        bins = _top_k_1d(cand, k) + 1
+        bins = _peak_bins_1d(p, k)
         trip = [np.sqrt(p[bins[:, None] + _NEIGHBOURS]).tolist()]
         bins_l = [bins.tolist()]
     else:
@@ -796,7 +822,10 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
 def compute(x: np.ndarray, plan: Plan, shaft_hz: float | None = None,
             workers: int | None = None) -> dict[str, Any]:
     """Features of one window (see compute_batch)."""
-    return compute_batch(np.asarray(x, dtype=np.float64)[None, :], plan, shaft_hz, workers)[0]
+    X = np.asarray(x, dtype=np.float64)[None, :]
+    # Straight to the worker: one window needs no chunking and no per-row speed list building.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _compute_batch(X, plan, [shaft_hz], workers)[0]
 
 
 def _clean(v: Any) -> float | None:

@@ -314,3 +314,20 @@ def test_consecutive_blocks_join_without_a_seam():
     first = vibration.make_signal(fs, n, 10.0, 29.93, noise_g=0.0, fault="outer", severity=0.5)
     second = vibration.make_signal(fs, n, 10.0 + n / fs, 29.93, noise_g=0.0, fault="outer", severity=0.5)
     np.testing.assert_allclose(np.concatenate([first, second]), whole, atol=1e-4)
+
+
+def test_waveform_blocks_follow_the_sensor_sample_clock():
+    from drivers.mqtt import MqttConfig, MqttDriver
+    from gateway.health import DeviceHealth
+
+    cfg = MqttConfig(name="m", driver="mqtt", subscriptions=[
+        {"topic": "a", "tag": "x", "format": "f32le", "sample_rate": 1000}])
+    drv = MqttDriver(cfg, DeviceHealth("m"))
+    n, fs, jitter = 100, 1000.0, 0.1  # blocks of 0.1 s
+    start = lambda received: round(drv._block_start("a", n, fs, received, jitter), 9)  # noqa: E731
+    assert start(10.1) == 10.0
+    assert start(10.2 + 0.12) == 10.1   # 120 ms late: jitter, continues
+    assert start(10.3 + 0.02) == 10.2   # early after a late one
+    assert start(10.31) == 10.3         # a burst: still contiguous
+    assert start(10.8) == 10.7          # 0.3 s late: a lost block, the clock restarts
+    assert start(10.9) == 10.8
