@@ -504,8 +504,12 @@ class _LineGeometry:
     ok: np.ndarray  # the line and a background lie inside the spectrum
     all_ok: bool
     expected: np.ndarray  # target, NaN where unknown
-    nearest_hz: np.ndarray | None = None  # frequency of `nearest` (single-row geometry only)
-    nbr: np.ndarray | None = None  # (1, 2) offsets of a bin's two neighbours
+    # Single-row geometry only (see _lines_one):
+    nearest_hz: np.ndarray | None = None  # frequency of `nearest`
+    gidx: np.ndarray | None = None  # sidx, bidx, nearest flattened into one gather
+    near_ok: np.ndarray | None = None  # (DH*W,) search bin within tolerance + half a bin
+    wrow: np.ndarray | None = None  # (DH,) offsets of the rows of near_ok
+    pos2: np.ndarray | None = None  # (DH, 2) pos_lo, pos_hi
 
 
 def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
@@ -548,7 +552,12 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
         ok=ok, all_ok=bool(ok.all()), expected=np.where(known, target, np.nan),
     )
     g.nearest_hz = g.nearest * df
-    g.nbr = np.array([[-1, 1]])
+    g.gidx = np.concatenate([sidx.reshape(-1), bidx.reshape(-1), g.nearest])
+    # The frequency test of _lines_rows, evaluated here for every bin a search can return
+    # (the same float expression, hence the same outcome).
+    g.near_ok = (np.abs(sidx * df - g.target[:, None]) <= g.reach[:, None]).reshape(-1)
+    g.wrow = np.arange(len(target)) * width
+    g.pos2 = np.stack([g.pos_lo, g.pos_hi], axis=1)
     if len(cache) > 256:  # speeds from a shaft_tag vary; keep the cache bounded
         cache.clear()
     cache[speed] = g
@@ -644,24 +653,27 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray,
 
 
 def _lines_one(row: np.ndarray, g: _LineGeometry, df: float) -> tuple[np.ndarray, ...]:
-    """_lines_rows for a single row (B + 1 with the +inf column): the same tests with fewer
-    NumPy calls (one gather for both neighbours, no row-offset modulo, frequencies of the
-    nearest bins from the cached geometry)."""
-    vals = row[g.sidx]  # (DH, W)
+    """_lines_rows for a single row (B + 1 with the +inf column): the same tests in fewer
+    NumPy calls, which is what a single window's cost is made of: one gather for the search,
+    background and nearest bins, one for each maximum and its neighbours, the frequency test
+    looked up from the geometry."""
+    dh, w = g.sidx.shape
+    G = row[g.gidx]
+    ns = dh * w
+    nbk = ns + g.bidx.size
+    vals = G[:ns].reshape(dh, w)
     jj = vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
     j = g.lo + jj
-    a0 = row[j]
-    j_hz = j * df
-    # Local maximum: a0 >= max(left, right) (NaN anywhere fails, as with two comparisons).
-    found = a0 >= row[j[:, None] + g.nbr].max(axis=-1)
-    found &= np.abs(j_hz - g.target) <= g.reach
-    amp = np.where(found, a0, row[g.nearest])
-    hz = np.where(found, j_hz, g.nearest_hz)
-    bvals = row[g.bidx]
+    t3 = row[j[:, None] + _NEIGHBOURS]  # (DH, 3): left, the maximum, right
+    a0 = t3[:, 1]
+    # Local maximum: a0 >= left and right <=> a0 is the max of the three (NaN: both false).
+    found = t3.max(axis=-1) == a0
+    found &= g.near_ok[g.wrow + jj]
+    amp = np.where(found, a0, G[nbk:])
+    hz = np.where(found, j * df, g.nearest_hz)
+    bvals = G[ns:nbk].reshape(dh, -1)
     bvals.sort(axis=-1)
-    bflat = bvals.reshape(-1)
-    med = bflat[g.pos_lo]
-    med += bflat[g.pos_hi]
+    med = bvals.reshape(-1)[g.pos2].sum(axis=-1)
     med *= 0.5
     snr = np.log10(amp / med)
     snr *= 20.0
