@@ -245,7 +245,7 @@ def time_features(X: np.ndarray) -> dict[str, list[float]]:
     X = np.atleast_2d(X)
     m, n = X.shape
     if m == 1:
-        return _time_features_one(X[0])
+        return {k: [v] for k, v in zip(_TF_NAMES, _time_features_one(X[0]))}
     mx = X.max(axis=-1).tolist()
     mn = X.min(axis=-1).tolist()
     mean_a = np.add.reduce(X, axis=-1) / n
@@ -278,10 +278,13 @@ def time_features(X: np.ndarray) -> dict[str, list[float]]:
     return out
 
 
-def _time_features_one(x: np.ndarray) -> dict[str, list[float]]:
-    """time_features of a single 1-D window: the same arithmetic (one centred copy, its square,
-    three BLAS dots) without the 2-D reductions and per-row lists, whose fixed cost dominates
-    for one window."""
+_TF_NAMES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness", "mean")
+
+
+def _time_features_one(x: np.ndarray) -> tuple[float, ...]:
+    """time_features of a single 1-D window as a tuple in _TF_NAMES order: the same arithmetic
+    (one centred copy, its square, three BLAS dots) without the 2-D reductions and per-row
+    lists, whose fixed cost dominates for one window."""
     n = x.shape[0]
     mx = float(x.max())
     mn = float(x.min())
@@ -298,13 +301,8 @@ def _time_features_one(x: np.ndarray) -> dict[str, list[float]]:
     peak = max(mx, -mn)
     nan = math.nan
     defined = m2 > _EPS16 * ms and m2 > 0
-    return {
-        "rms": [rms], "peak": [peak], "peak_to_peak": [mx - mn],
-        "crest_factor": [peak / rms if rms > 0 else nan],
-        "kurtosis": [m4 / (m2 * m2) if defined else nan],
-        "skewness": [m3 / (m2 * math.sqrt(m2)) if defined else nan],
-        "mean": [mean],
-    }
+    return (rms, peak, mx - mn, peak / rms if rms > 0 else nan,
+            m4 / (m2 * m2) if defined else nan, m3 / (m2 * math.sqrt(m2)) if defined else nan, mean)
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -799,7 +797,13 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
     feats = spec.features
     out: list[dict[str, Any]] = [{} for _ in range(m)]
 
-    if feats & _TIME_SET:
+    if feats & _TIME_SET and m == 1:
+        isfinite = math.isfinite
+        out0 = out[0]
+        for name, v in zip(_TF_NAMES[:6], _time_features_one(X[0])):
+            if name in feats:
+                out0[name] = v if isfinite(v) else None
+    elif feats & _TIME_SET:
         td = time_features(X)
         for name in ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness"):
             if name in feats:
