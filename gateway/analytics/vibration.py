@@ -842,10 +842,12 @@ def _compute_batch(X: np.ndarray, plan: Plan, shaft_hz: Any, workers: int | None
         peaks = spectrum_peaks(P, plan, spec.peaks)
         bands = ([row[: plan.band_count] for row in rms_cols] if plan.band_count
                  else [[] for _ in range(m)])
+        isfinite = math.isfinite
         for r in range(m):
             out[r]["spectrum"] = {
                 "peaks": [{"hz": round(h, 4), "amplitude": a} for h, a in peaks[r]],
-                "bands": [{"low": lo, "high": hi, "rms": _clean(v)} for (lo, hi), v in zip(spec.bands, bands[r])],
+                "bands": [{"low": lo, "high": hi, "rms": v if isfinite(v) else None}
+                          for (lo, hi), v in zip(spec.bands, bands[r])],
                 "resolution_hz": plan.df,
             }
 
