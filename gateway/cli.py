@@ -40,12 +40,10 @@ def cmd_run(args) -> int:
 def cmd_check_config(args) -> int:
     from gateway import config
 
-    problems: list[str] = []
-    located = config.load_located(args.config, problems)
     cfg = _load(args.config)
     if cfg is None:
         return 2
-    print(config.summary(cfg, located.files))
+    print(config.summary(cfg))
     return 0
 
 

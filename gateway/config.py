@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 import drivers
@@ -80,6 +80,11 @@ class GatewayConfig(BaseSettings):
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
     analyses: list[AnalysisConfig] = Field(default_factory=list)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+    _files: list[str] = PrivateAttr(default_factory=list)  # the files it was read from
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
 
     @classmethod
     def settings_customise_sources(
@@ -377,6 +382,7 @@ def load(path: str | Path) -> GatewayConfig:
         problems.append(f"{file}:{line}: {_dotted(p)}: {msg}")
     if problems:
         raise ConfigError(problems)
+    cfg._files = located.files
     return cfg
 
 
@@ -388,11 +394,11 @@ def default_path() -> str:
     return os.environ.get("EDGE_GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
-def summary(cfg: GatewayConfig, files: list[str] | None = None) -> str:
+def summary(cfg: GatewayConfig) -> str:
     """The one-screen summary `check-config` prints for a valid configuration."""
     lines = [f"gateway {cfg.gateway.id}: configuration is valid"]
-    if files:
-        lines.append(f"  files     {', '.join(files)}")
+    if cfg.files:
+        lines.append(f"  files     {', '.join(cfg.files)}")
     lines.append(f"  upstream  mqtt{'s' if cfg.upstream.tls.enabled else ''}://{cfg.upstream.host}:{cfg.upstream.port}"
                  f" (MQTT {cfg.upstream.protocol}), topics under {cfg.topic_prefix}/")
     lines.append(f"  buffer    {cfg.buffer_path} (max {cfg.buffer.max_bytes / 2**20:.0f} MiB, {cfg.buffer.durability})")
