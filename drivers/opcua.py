@@ -143,6 +143,18 @@ class _Changes:
             self.lost.set()
 
 
+@contextlib.contextmanager
+def _peer_errors(what: str):
+    """asyncua and socket errors, turned into the driver's own: a lost link ends the session
+    (reconnect), an OPC UA service error is a driver error."""
+    try:
+        yield
+    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        raise DeviceDisconnected(f"{what} failed: {type(exc).__name__}: {exc}") from None
+    except ua.UaError as exc:
+        raise DriverError(f"{what} failed: {exc}") from None
+
+
 class OpcUaDriver:
     def __init__(self, config: OpcUaConfig, health: DeviceHealth) -> None:
         self.config = config
@@ -218,12 +230,8 @@ class OpcUaDriver:
             if lost.is_set():
                 raise DeviceDisconnected("connection lost")
             started = time.monotonic()
-            try:
+            with _peer_errors("read"):
                 values = await client.read_attributes(nodes)
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                raise DeviceDisconnected(f"read failed: {type(exc).__name__}: {exc}") from None
-            except ua.UaError as exc:
-                raise DriverError(f"read failed: {exc}") from None
             received = time.time()
             self.health.ok((time.monotonic() - started) * 1000.0, now=received)
             for tag, dv in zip(cfg.tags, values):
@@ -235,16 +243,11 @@ class OpcUaDriver:
         cfg = self.config
         queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.queue_size)
         by_handle = dict(enumerate(cfg.tags, start=1))  # client handle -> tag
-        try:
+        with _peer_errors("subscribe"):
             subscription = await client.create_subscription(cfg.poll_interval * 1000.0, _Changes(queue, lost))
-            params = []
-            for handle, (node, tag) in enumerate(zip(nodes, cfg.tags), start=1):
-                params.append(self._monitored_item(node, tag, handle))
+            params = [self._monitored_item(node, tag, handle)
+                      for handle, (node, tag) in enumerate(zip(nodes, cfg.tags), start=1)]
             results = await subscription.create_monitored_items(params)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            raise DeviceDisconnected(f"subscribe failed: {type(exc).__name__}: {exc}") from None
-        except ua.UaError as exc:
-            raise DriverError(f"subscribe failed: {exc}") from None
         now = time.time()
         for tag, result in zip(cfg.tags, results):
             if isinstance(result, ua.StatusCode) and not result.is_good():

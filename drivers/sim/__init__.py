@@ -18,9 +18,20 @@ vibration  host="127.0.0.1", port=1883 (an MQTT broker), topic="sensors/motor1/a
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 KINDS = ("modbus", "opcua", "vibration")
+
+
+async def hold(sim: Any, ready: asyncio.Event | None) -> None:
+    """Signal `ready`, then keep a started simulator serving until cancelled, and stop it."""
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
 
 
 async def run_simulator(kind: str, **options: Any) -> Any:

@@ -187,9 +187,6 @@ async def serve(host: str = "127.0.0.1", port: int = 5020, unit_ids: tuple[int, 
         await sim.start_rtu(serial_port, baudrate=baudrate)
     else:
         await sim.start_tcp(host, port)
-    if ready is not None:
-        ready.set()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    from drivers.sim import hold
+
+    await hold(sim, ready)

@@ -157,9 +157,6 @@ async def serve(host: str = "127.0.0.1", port: int = 4840, secure: bool = False,
                 ready: asyncio.Event | None = None) -> None:
     """Run the simulated oven until cancelled."""
     sim = await OpcUaSimulator(host, port, secure=secure, cert_dir=cert_dir, users=users, period=period).start()
-    if ready is not None:
-        ready.set()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    from drivers.sim import hold
+
+    await hold(sim, ready)

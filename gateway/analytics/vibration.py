@@ -589,6 +589,16 @@ def _rows_geometry(geos: list[_LineGeometry], B: int) -> _LineGeometry:
     return _LineGeometry(width=W, bwidth=Wb, all_ok=bool(cat["ok"].all()), **cat)
 
 
+def _blank_unusable(g, amp: np.ndarray, hz: np.ndarray, snr: np.ndarray, found: np.ndarray) -> None:
+    """Lines whose search window falls outside the envelope spectrum are unknown, not zero."""
+    if not g.all_ok:
+        bad = ~g.ok
+        snr[bad] = np.nan
+        amp[bad] = np.nan
+        hz[bad] = np.nan
+        found &= g.ok
+
+
 def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray,
                   padded: np.ndarray | None = None) -> dict[str, Any]:
     """Defect lines in envelope spectra env (m, B) for each row's shaft speed (m,), NaN = unknown.
@@ -615,12 +625,7 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray,
             row = padded[0]
             row[B] = np.inf
             amp, hz, snr, found = _lines_one(row, g, plan.env_df)
-            if not g.all_ok:
-                bad = ~g.ok
-                snr[bad] = np.nan
-                amp[bad] = np.nan
-                hz[bad] = np.nan
-                found &= g.ok
+            _blank_unusable(g, amp, hz, snr, found)
             shape = (1, D, HARMONICS)
             return {"names": names, "expected_hz": g.expected.reshape(shape), "hz": hz.reshape(shape),
                     "amplitude": amp.reshape(shape), "snr_db": snr.reshape(shape),
@@ -651,12 +656,7 @@ def bearing_lines(env: np.ndarray, plan: Plan, shaft_hz: np.ndarray,
     else:
         amp, hz, snr, found = _lines_rows(flat, g, df, B)
     expected = g.expected
-    if not g.all_ok:
-        bad = ~g.ok
-        snr[bad] = np.nan
-        amp[bad] = np.nan
-        hz[bad] = np.nan
-        found &= g.ok
+    _blank_unusable(g, amp, hz, snr, found)
     out = {"names": names, "expected_hz": expected, "hz": hz, "amplitude": amp, "snr_db": snr,
            "found": found}
     if k == m:
