@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CWRU = REPO.parent / "shared" / "data" / "cwru"
 
 
 def free_port() -> int:

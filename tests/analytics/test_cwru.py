@@ -1,21 +1,18 @@
-"""Real bearing recordings (CWRU, ../shared/data/cwru, see SOURCE.md there)."""
+"""Real bearing recordings (CWRU, tests/data/cwru, see SOURCE.md there)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.analytics.engine import AnalyticsEngine
 from gateway.analytics.vibration import FeatureSpec, compute_batch, make_plan, time_features
 from gateway.model import Sample, Waveform
+from tests import cwru
 
-CWRU = Path(__file__).resolve().parents[2].parent / "shared/data/cwru"
 ORDERS_6205 = {"bpfo": 3.5848, "bpfi": 5.4152, "bsf": 2.357, "ftf": 0.39828}
 
 # SOURCE.md reference table: fs, RMS, peak, crest, Pearson kurtosis (whole record, DE channel).
@@ -31,21 +28,10 @@ REFERENCE = {
 EXPECTED_DOMINANT = {105: "bpfi", 109: "bpfi", 130: "bpfo", 135: "bpfo"}
 
 
-
-@pytest.fixture(autouse=True)
-def _cwru_present():
-    # The recordings come with the repository's shared/ folder; without them these tests fail
-    # loudly rather than skip, so a missing data set is never mistaken for a pass.
-    if not CWRU.is_dir():
-        pytest.fail(f"CWRU recordings not found at {CWRU} (shared/data/cwru beside the checkout)")
-
-
-@cache
 def record(rec: int) -> tuple[np.ndarray, float]:
     """(DE acceleration vector, rpm from the file)."""
-    mat = scipy.io.loadmat(CWRU / f"{rec}.mat")
-    x = np.ascontiguousarray(mat[f"X{rec:03d}_DE_time"].ravel(), dtype=np.float64)
-    rpm = float(mat[f"X{rec:03d}RPM"].ravel()[0])
+    x, rpm, fs = cwru.load(rec)
+    assert fs == REFERENCE[rec][0]
     return x, rpm
 
 

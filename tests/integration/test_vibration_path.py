@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import scipy.io
 
 from drivers.sim.vibration import serve as vibration_serve
-from tests.conftest import CWRU
+from tests import cwru
 from tests.integration.conftest import running_gateway, until
 
 SHAFT_HZ_105 = 1797 / 60
@@ -52,7 +51,7 @@ async def test_iso_zone_alarm_raises_as_the_simulated_bearing_fault_grows(tmp_pa
 
 
 async def test_cwru_inner_race_record_through_mqtt_names_bpfi(tmp_path, mosquitto, collector_factory, gateway_config):
-    x = scipy.io.loadmat(CWRU / "105.mat")["X105_DE_time"].ravel().astype(np.float32)
+    x = cwru.load(105)[0].astype(np.float32)
     fs, block, windows = 12000, 300, 3
     n = 16384 * windows + block
     collector = collector_factory(mosquitto, "edge/gw1/features/#")
