@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _limit import TimeLimit  # noqa: E402  (bench/ is on sys.path as the script folder)
 from gateway.analytics.vibration import FeatureSpec, compute, compute_batch, make_plan  # noqa: E402
 
 FS = 25600.0
@@ -70,7 +71,9 @@ def best_rate(fn, windows: int, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=0.6, help="time per measurement")
+    ap.add_argument("--limit", type=float, default=180.0, help="overall time limit, s")
     args = ap.parse_args()
+    limit = TimeLimit("bench_analytics", args.limit)
     print(f"numpy {np.__version__}, fs {FS:.0f} Hz, one core, best of repeated runs "
           f"({args.seconds}s per measurement)")
     hdr = (f"{'window':>7} | {'rfft 1-D':>12} {'rfft 2-D':>12} | {'features':>12} {'Msamp/s':>8} "
@@ -82,6 +85,7 @@ def main() -> None:
     t_start = time.perf_counter()
     summary = {}
     for n in SIZES:
+        limit.phase(f"the {n}-sample measurements")
         m = max(4, 262144 // n)
         X = signals(m, n)
         plan = make_plan(SPEC, n, FS)
@@ -116,6 +120,7 @@ def main() -> None:
     print(f"Real-time capacity on one core: {f1 * 16384 / FS:.0f} channels at 25.6 kHz "
           f"({f2 * 16384 / FS:.0f} batched).")
     print(f"(bench took {time.perf_counter() - t_start:.1f} s)")
+    limit.done()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from _limit import TimeLimit  # bench/ is on sys.path as the script folder
 from gateway.buffer import Buffer
 from gateway.config import UpstreamConfig
 from gateway.model import Record
@@ -112,18 +113,27 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=20_000)
     ap.add_argument("--inflight", type=int, default=100)
     ap.add_argument("--durability", choices=["normal", "full"], default="normal")
+    ap.add_argument("--limit", type=float, default=240.0, help="overall time limit, s")
     args = ap.parse_args()
+    limit = TimeLimit("bench_forward", args.limit)
     with tempfile.TemporaryDirectory() as tmp:
+        limit.phase("Mosquitto to start")
         proc, port = start_broker(Path(tmp))
+        limit.child(proc)
         try:
             buffer = Buffer(Path(tmp) / "bench.db", "bench", durability=args.durability)
+            limit.phase("the buffer to take the records")
             ingest = fill(buffer, args.records)
             size = len(buffer.fetch({}, 1)[0].payload)
+            limit.phase("raw paho QoS 1 publishes to be acknowledged")
             raw = raw_paho(port, args.records, args.inflight)
+            limit.phase("the gateway upstream to drain the buffer")
             gw = asyncio.run(drain(buffer, port, args.inflight))
+            limit.phase("Mosquitto to stop")
         finally:
             proc.terminate()
             proc.wait()
+    limit.done()
     print(f"records             {args.records} x {size} B payload, QoS 1, max_inflight {args.inflight}")
     print(f"buffer ingest       {ingest:12,.0f} records/s  (batches of 500, durability {args.durability})")
     print(f"raw paho publish    {raw:12,.0f} records/s")

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
 
+from _limit import TimeLimit  # noqa: E402  (bench/ is on sys.path as the script folder)
 from drivers.modbus import ModbusConfig, ModbusDriver  # noqa: E402
 from drivers.sim.modbus import SCRATCH  # noqa: E402
 from gateway.health import DeviceHealth  # noqa: E402
@@ -105,20 +106,29 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement (3 measurements)")
     parser.add_argument("--tags", type=int, default=60, help="float32 tags (2 registers each, <= 62 per request)")
+    parser.add_argument("--limit", type=float, default=None, help="overall time limit, s (default 2 x seconds + 45)")
     args = parser.parse_args()
+    limit = TimeLimit("bench_modbus", args.limit or 2 * args.seconds + 45)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     port = free_port()
-    sim = subprocess.Popen([sys.executable, "-c", SERVER.format(port=port)], cwd=Path(__file__).resolve().parent.parent)
+    sim = limit.child(subprocess.Popen([sys.executable, "-c", SERVER.format(port=port)],
+                                       cwd=Path(__file__).resolve().parent.parent))
     try:
+        limit.phase(f"the simulator to listen on 127.0.0.1:{port}")
         await wait_port(port)
         registers = 2 * args.tags
         # raw, driver, raw again: the mean of the two raw runs cancels slow drift of the machine
+        limit.phase("raw pymodbus reads (first run)")
         raw1 = await raw(port, registers, args.tags, args.seconds / 2)
+        limit.phase("the gateway's modbus driver: polling, then ending when cancelled")
         drv, requests = await driver(port, args.tags, args.seconds)
+        limit.phase("raw pymodbus reads (second run)")
         raw2 = await raw(port, registers, args.tags, args.seconds / 2)
+        limit.phase("the simulator to stop")
     finally:
         sim.terminate()
         sim.wait(5)
+    limit.done()
     raw_rate = (raw1 + raw2) / 2
     print(f"modbus tcp, {args.tags} float32 tags in {registers} holding registers, {requests} request(s) per poll")
     print(f"  raw pymodbus read_holding_registers: {raw_rate:12,.0f} tags/s  ({raw_rate / args.tags:,.0f} reads/s)")

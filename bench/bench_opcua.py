@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from asyncua import Client  # noqa: E402
 
+from _limit import TimeLimit  # noqa: E402  (bench/ is on sys.path as the script folder)
 from drivers.opcua import OpcUaConfig, OpcUaDriver  # noqa: E402
 from gateway.health import DeviceHealth  # noqa: E402
 
@@ -114,21 +115,31 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement (4 measurements)")
     parser.add_argument("--period", type=float, default=0.005, help="server update period, s")
+    parser.add_argument("--limit", type=float, default=None, help="overall time limit, s (default 4 x seconds + 90)")
     args = parser.parse_args()
+    limit = TimeLimit("bench_opcua", args.limit or 4 * args.seconds + 90)
     logging.disable(logging.WARNING)
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}/"
-    server = subprocess.Popen([sys.executable, "-c", SERVER.format(port=port, period=args.period)], cwd=ROOT)
+    server = limit.child(subprocess.Popen([sys.executable, "-c", SERVER.format(port=port, period=args.period)],
+                                          cwd=ROOT))
     try:
+        limit.phase(f"the OPC UA simulator at {endpoint}")
         await wait_ready(endpoint)
         publishing = 0.05
+        limit.phase("raw asyncua reads")
         raw_p = await raw_poll(endpoint, args.seconds)
+        limit.phase("the gateway's OPC UA driver polling, then ending when cancelled")
         drv_p = await with_driver(endpoint, "poll", args.seconds, publishing)
+        limit.phase("a raw asyncua subscription")
         raw_s = await raw_subscribe(endpoint, args.seconds, publishing * 1000)
+        limit.phase("the gateway's OPC UA driver subscribed, then ending when cancelled")
         drv_s = await with_driver(endpoint, "subscribe", args.seconds, publishing)
+        limit.phase("the simulator to stop")
     finally:
         server.terminate()
         server.wait(10)
+    limit.done()
     print(f"opc ua, {len(NODES)} nodes, server updates every {args.period * 1000:g} ms "
           f"(at most {len(NODES) / args.period:,.0f} changes/s), publishing interval {publishing * 1000:g} ms")
     print(f"  poll       raw asyncua read_attributes: {raw_p:10,.0f} values/s")

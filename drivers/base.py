@@ -97,8 +97,23 @@ async def until_lost(queue: asyncio.Queue, lost: asyncio.Event, what: str) -> As
                 get.cancel()
                 raise DeviceDisconnected(what)
             yield get.result()
+            check_cancelled()
     finally:
         lost_wait.cancel()
+
+
+def check_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop and the request got lost on the way.
+
+    Python 3.11's `asyncio.wait_for`, used inside pymodbus, asyncua and paho bridges, returns the
+    awaited result when a cancellation lands in the same loop pass as the result, and the
+    CancelledError is gone (fixed in 3.12). A poll loop that never checks would then run on after
+    SIGTERM or a reload for ever. `Task.cancelling()` still counts the request, so every driver
+    loop calls this once per turn.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancellation swallowed by a peer library's wait_for")
 
 
 class Backoff:
@@ -132,6 +147,7 @@ async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth
     backoff = Backoff(reconnect_min, reconnect_max)
     while True:
         last_ok = health.last_ok
+        check_cancelled()
         try:
             await session()
             raise DeviceDisconnected("session ended")
@@ -139,6 +155,7 @@ async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth
             raise
         except Exception as exc:  # noqa: BLE001 - a failing device must never stop the daemon
             health.error(exc, disconnected=True)
+        check_cancelled()
         if health.last_ok != last_ok:
             backoff.reset()
         await asyncio.sleep(backoff.next())
@@ -155,6 +172,7 @@ async def every(interval: float, poll: Callable[[], Awaitable[None]], health: De
     tick = 0
     while True:
         await poll()
+        check_cancelled()
         now = loop.time()
         if interval <= 0:  # flat out (benchmarks): the poll's own I/O is where others get their turn
             continue

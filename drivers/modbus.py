@@ -21,7 +21,8 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverError, Emit, check_cancelled, every, register,
+                          supervise)
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample
@@ -430,6 +431,7 @@ class ModbusDriver:
 
         try:
             response = await link.exchange(read)
+            check_cancelled()  # pymodbus's wait_for can swallow a stop request (Python 3.11)
         except DriverError:
             raise
         except ModbusException as exc:
