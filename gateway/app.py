@@ -29,6 +29,7 @@ log = logs.get("gateway.app")
 
 QUEUE_SIZE = 10_000  # samples and waveform blocks between drivers and processing
 TICK = 0.5  # seconds between rule ticks (for/clear_for/stale timing resolution)
+STOP_BOUND = 3.0  # seconds a stage may take to end when cancelled before it is named and cancelled again
 
 
 class Pipeline:
@@ -94,13 +95,10 @@ class Pipeline:
             ]
             inputs = [tg.create_task(self._supervise(d), name=f"driver.{d.config.name}") for d in self.drivers]
             await self._stop.wait()
-            for task in inputs:
-                task.cancel()
-            await asyncio.gather(*inputs, return_exceptions=True)
+            await retire(inputs)
             await self.queue.put(_DRAINED)  # processing handles everything queued before this
             await process
-            for task in timers:
-                task.cancel()
+            await retire(timers)
             self._store(self.analytics.flush_summaries(time.time()))
             self.upstream.stop(final=self._final)
             await upstream
@@ -308,6 +306,25 @@ class App:
             self.notifier.watchdog()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=interval)
+
+
+async def retire(tasks: list[asyncio.Task], bound: float = STOP_BOUND) -> None:
+    """Cancel `tasks` and wait until they have ended. A stop or a reload must finish whatever a
+    task is doing, so every `bound` seconds the ones still running are logged by name and
+    cancelled again: a cancellation that a peer library swallowed lands at the next await."""
+    for task in tasks:
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=bound)
+        if pending:
+            log.warning("pipeline.stop_overdue", bound_s=bound, still_running=sorted(t.get_name() for t in pending),
+                        hint="cancelled again")
+            for task in pending:
+                task.cancel()
+    for task in tasks:  # retrieve outcomes, so that none is reported as never retrieved
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pipeline.task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 async def _first(*aws) -> None:

@@ -145,3 +145,45 @@ def test_status_health_and_commands(tmp_path, mosquitto, collector_factory):
     retained = collector_factory(mosquitto, "edge/gw1/status")
     assert retained.wait_for(lambda c: c.messages and c.messages[-1][2], 5), "status must be retained"
     assert json.loads(retained.messages[-1][1])["state"] == "offline"
+
+
+def test_reloads_under_modbus_polling_then_sigterm_stops_within_bound(tmp_path, mosquitto):
+    """Issue recipe: a Modbus device polled every 100 ms, SIGHUP twice, then SIGTERM. Each reload
+    must complete and the stop must end the process, whatever the driver was doing."""
+    from tests.conftest import free_port, wait_port
+
+    sim_port = free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "modbus", "--port", str(sim_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(sim_port, 20)
+        cfg = write_config(tmp_path, mosquitto.port, extra=(
+            "summaries:\n  interval: 100ms\n"
+            "devices:\n  - name: press1\n    driver: modbus\n    host: 127.0.0.1\n"
+            f"    port: {sim_port}\n    poll_interval: 100ms\n    tags:\n"
+            "      - {name: temperature, table: holding, address: 0, type: float32}\n"
+            "      - {name: running, table: coil, address: 0, type: bool}\n"))
+        proc = start(cfg, tmp_path)
+        log_path = tmp_path / "daemon.log"
+        try:
+            deadline = time.monotonic() + 20
+            while "gateway.started" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for n in (1, 2, 3):
+                time.sleep(1.5)
+                proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 8
+                while log_path.read_text().count("config.reloaded") < n and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert log_path.read_text().count("config.reloaded") == n, f"reload {n} never completed"
+            time.sleep(1.0)
+            rc, took = stop(proc, timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        assert rc == 0 and took < 5.0, (rc, took)
+        assert "gateway.stopped" in log_path.read_text()
+    finally:
+        sim.terminate()
+        sim.wait(5)
