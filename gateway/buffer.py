@@ -44,6 +44,19 @@ class BufferError(Exception):
     """The buffer file cannot be used."""
 
 
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def clock_seq() -> int:
+    """A seq start no earlier seq can reach: microseconds since 1970 (a buffer would have had to
+    issue more than a million seqs a second, ever since 1970, to get there)."""
+    return time.time_ns() // 1000
+
+
 def _finite(value: Any) -> Any:
     """Replace NaN/inf (which JSON cannot carry) by None: an unknown value, never a made-up one."""
     if isinstance(value, float):
@@ -90,7 +103,7 @@ class Buffer:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._connect()
+            self._connect(moved_aside=None)
         except (sqlite3.DatabaseError, BufferError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             log.error("buffer.corrupt", path=str(self.path), moved_to=str(aside), error=str(exc),
@@ -102,7 +115,7 @@ class Buffer:
                 src = Path(str(self.path) + suffix)
                 if src.exists():
                     os.replace(src, Path(str(aside) + suffix))
-            self._connect()
+            self._connect(moved_aside=aside)
 
     def _connect_readonly(self) -> None:
         """For `buffer stats|dump` beside a running daemon: never creates, moves or writes."""
@@ -111,14 +124,16 @@ class Buffer:
         self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         self._conn.execute("PRAGMA busy_timeout=5000")
         try:
-            self._next_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0] + 1
+            # The seq the daemon would continue with (it persists a reset at once, so beside a
+            # running daemon this is its value; with no daemon it is what a start now would use).
+            self._next_seq, _ = self._start_seq(moved_aside=None)
             self._seq_reserved = 1 << 62  # never writes the side file
             self._bytes, self._depth = self.conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
             self._dropped_total = int(self._meta("dropped") or 0)
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path} is not a readable buffer: {exc}") from None
 
-    def _connect(self) -> None:
+    def _connect(self, moved_aside: Path | None = None) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
         conn.execute("PRAGMA journal_mode=WAL")
@@ -137,20 +152,56 @@ class Buffer:
         db["outbox"].create_index(["priority", "seq"], if_not_exists=True)
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        max_row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
-        last = max(max_row, int(self._meta("last_seq") or 0))
-        # A file that never held a row may be a replacement for a lost one: continue after the
-        # high-water mark kept beside it, so no seq is ever used twice.
-        self._next_seq = (last if last else self._read_seq_file()) + 1
-        self._seq_reserved = max(self._next_seq - 1, self._read_seq_file())
+        self._next_seq, reset = self._start_seq(moved_aside)
+        if reset:
+            # Persist the new start at once (meta and side file): a restart, and `buffer stats`,
+            # continue from it instead of resetting again.
+            log.error("buffer.seq_reset", path=str(self.path), reason=reset, next_seq=self._next_seq,
+                      hint="no trustworthy seq high-water mark; seq restarts from the clock so it stays above every earlier seq")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self._next_seq - 1),))
+            self._seq_reserved = 0
+            self._reserve_seq(self._next_seq - 1)
+        else:
+            self._seq_reserved = max(self._next_seq - 1, self._read_seq_file() or 0)
         self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
         self._dropped_total = int(self._meta("dropped") or 0)
 
-    def _read_seq_file(self) -> int:
+    def _read_seq_file(self) -> int | None:
+        """The side file's mark: 0 when there is no file, None when it exists but holds no number."""
         try:
-            return int(self._seq_file.read_text().strip() or 0)
-        except (OSError, ValueError):
+            text = self._seq_file.read_text()
+        except FileNotFoundError:
             return 0
+        except (OSError, UnicodeDecodeError):
+            return None
+        value = _int_or_none(text)
+        return value if value is not None and value >= 0 else None
+
+    def _start_seq(self, moved_aside: Path | None) -> tuple[int, str | None]:
+        """The next seq, and why it had to be reset (None when it continues a known mark).
+
+        The database's own mark (highest row, meta.last_seq) comes first; a file that never held
+        a row may be a replacement for a lost one, so then the side file's mark. Without either,
+        a new install starts at 1; but when a buffer existed before (side file unreadable, or the
+        database moved aside as corrupt), its seqs are unknown: start from the clock."""
+        max_row = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
+        meta = self._meta("last_seq")
+        last = max(max_row, _int_or_none(meta) or 0)
+        if last:
+            return last + 1, None
+        side = self._read_seq_file()
+        if side:
+            return side + 1, None
+        reasons = []
+        if side is None:
+            reasons.append(f"side file {self._seq_file} is unreadable")
+        if moved_aside is not None:
+            reasons.append(f"the database was moved aside as corrupt to {moved_aside}")
+        if meta is not None and _int_or_none(meta) is None:
+            reasons.append(f"meta.last_seq is not a number: {meta!r}")
+        if not reasons:
+            return 1, None  # nothing ever existed here
+        return max(clock_seq(), 1), "; ".join(reasons)
 
     def _reserve_seq(self, upto: int) -> None:
         """Keep a high-water mark outside the database so a replaced file never reuses a seq."""

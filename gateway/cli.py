@@ -27,6 +27,7 @@ def _load(path: str):
 
 
 def cmd_run(args) -> int:
+    from gateway import statelock
     from gateway.app import App
 
     cfg = _load(args.config)
@@ -34,7 +35,20 @@ def cmd_run(args) -> int:
         return 2
     fmt = cfg.gateway.log_format
     logs.configure(args.log_level or cfg.gateway.log_level, json=None if fmt == "auto" else fmt == "json")
-    return asyncio.run(App(cfg, args.config).run())
+    try:
+        # Held (the descriptor stays open) for the life of the process, across reloads.
+        lock_fd = statelock.acquire(cfg.gateway.state_dir)
+    except statelock.AlreadyRunning as exc:
+        logs.get("gateway.cli").error("gateway.already_running", lock=str(exc.path), pid=exc.pid)
+        print(f"edge-gateway: {exc}; nothing was started", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"edge-gateway: cannot lock the state directory {cfg.gateway.state_dir}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(App(cfg, args.config).run())
+    finally:
+        os.close(lock_fd)
 
 
 def cmd_check_config(args) -> int:

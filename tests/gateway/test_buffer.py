@@ -110,3 +110,72 @@ def test_readonly_inspection_does_not_write(tmp_path):
         raise AssertionError("read-only buffer accepted a write")
     except sqlite3.OperationalError:
         pass
+
+
+def test_garbage_side_file_and_empty_db_restart_seq_above_every_earlier_one(tmp_path):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "b.db"
+    b = Buffer(path, "gw")
+    earlier = b.append(recs(500))
+    b.ack(b.fetch({}, 1000))
+    b.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"b.db{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"")  # emptied to 0 bytes
+    (tmp_path / "b.db.seq").write_text("\x00garbage\n")
+    with capture_logs() as logged:
+        b = Buffer(path, "gw")
+    resets = [e for e in logged if e["event"] == "buffer.seq_reset"]
+    assert len(resets) == 1 and resets[0]["log_level"] in ("warning", "error")
+    assert "side file" in resets[0]["reason"] and resets[0]["next_seq"] == b.next_seq
+    first = b.append(recs(1))[0]
+    assert first > max(earlier) and first > 1_600_000_000 * 10**6  # from the clock, in microseconds
+    b.close()
+    # the new start is persisted: a restart continues from it, without another reset
+    with capture_logs() as logged:
+        b = Buffer(path, "gw")
+    assert not [e for e in logged if e["event"] == "buffer.seq_reset"]
+    assert b.append(recs(1)) == [first + 1]
+
+
+def test_corrupt_db_without_side_file_restarts_seq_from_the_clock(tmp_path):
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "b.db"
+    b = Buffer(path, "gw")
+    b.append(recs(5))
+    b.close()
+    (tmp_path / "b.db.seq").unlink()
+    path.write_bytes(b"this is not a database" * 200)
+    with capture_logs() as logged:
+        b = Buffer(path, "gw")
+    resets = [e for e in logged if e["event"] == "buffer.seq_reset"]
+    assert len(resets) == 1 and "moved aside" in resets[0]["reason"]
+    assert b.append(recs(1))[0] > 1_600_000_000 * 10**6
+
+
+def test_new_install_starts_at_1_without_a_reset(tmp_path):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logged:
+        b = Buffer(tmp_path / "state" / "b.db", "gw")
+    assert not [e for e in logged if e["event"] == "buffer.seq_reset"]
+    assert b.next_seq == 1 and b.append(recs(2)) == [1, 2]
+
+
+def test_readonly_next_seq_matches_the_daemon_for_a_drained_buffer(tmp_path):
+    path = tmp_path / "b.db"
+    b = Buffer(path, "gw")
+    b.append(recs(658))
+    b.ack(b.fetch({}, 1000))
+    assert b.depth == 0
+    b.close()
+    assert Buffer(path, "gw", readonly=True).stats()["next_seq"] == 659
+    assert Buffer(path, "gw").next_seq == 659
+    # a replacement file that never held a row: both continue after the side file's mark
+    mark = int((tmp_path / "b.db.seq").read_text())
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"b.db{suffix}").unlink(missing_ok=True)
+    Buffer(path, "gw").close()  # a new file: schema only, no rows, no meta.last_seq
+    assert Buffer(path, "gw", readonly=True).next_seq == Buffer(path, "gw").next_seq == mark + 1

@@ -69,3 +69,17 @@ def test_buffer_stats_and_dump(tmp_path):
 def test_version():
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("edge-gateway ")
+
+
+def test_buffer_stats_next_seq_of_a_drained_buffer(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway:\n  id: gw1\n  state_dir: {tmp_path}\n")
+    b = Buffer(tmp_path / "buffer.db", "gw1")
+    b.append([Record("data/a", {"i": i}, time.time()) for i in range(658)])
+    b.ack(b.fetch({}, 1000))
+    b.close()
+    stats = run_cli("buffer", "stats", "--json", "-c", str(cfg))
+    assert stats.returncode == 0, stats.stderr
+    data = json.loads(stats.stdout)
+    assert data["depth"] == 0 and data["next_seq"] == 659
+    assert Buffer(tmp_path / "buffer.db", "gw1").next_seq == 659  # what the daemon continues with

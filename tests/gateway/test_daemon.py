@@ -187,3 +187,42 @@ def test_reloads_under_modbus_polling_then_sigterm_stops_within_bound(tmp_path, 
     finally:
         sim.terminate()
         sim.wait(5)
+
+
+def test_second_daemon_on_the_same_state_dir_exits_2(tmp_path):
+    from tests.conftest import free_port, run_cli
+
+    cfg = write_config(tmp_path, free_port())  # no broker needed: the lock is taken before connecting
+    first = start(cfg, tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while "gateway.started" not in (tmp_path / "daemon.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, (tmp_path / "daemon.log").read_text()
+        lock = tmp_path / "state" / "edge-gateway.lock"
+        assert lock.read_text().strip() == str(first.pid)
+        t0 = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "gateway", "run", "-c", str(cfg)], capture_output=True,
+                                text=True, timeout=20)
+        assert second.returncode == 2 and time.monotonic() - t0 < 10
+        message = [line for line in second.stderr.splitlines() if line.startswith("edge-gateway:")]
+        assert len(message) == 1 and str(lock) in message[0] and f"PID {first.pid}" in message[0], second.stderr
+        assert "gateway.already_running" in second.stderr and "gateway.started" not in second.stderr
+        # read-only inspection is still allowed beside the running daemon
+        stats = run_cli("buffer", "stats", "--json", "-c", str(cfg))
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["depth"] == 0
+        assert first.poll() is None, "the second instance must not disturb the first"
+    finally:
+        rc, _ = stop(first)
+    assert rc == 0
+    third = start(cfg, tmp_path, "daemon3")
+    try:
+        deadline = time.monotonic() + 20
+        while "gateway.started" not in (tmp_path / "daemon3.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert third.poll() is None and "gateway.started" in (tmp_path / "daemon3.log").read_text()
+        assert (tmp_path / "state" / "edge-gateway.lock").read_text().strip() == str(third.pid)
+    finally:
+        rc, _ = stop(third)
+    assert rc == 0
