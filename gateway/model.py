@@ -72,10 +72,17 @@ class Waveform(_Sourced):
     ts: float  # epoch seconds of the first sample
     unit: str | None = None
     quality: Quality = Quality.GOOD
+    # Set by a driver that knows this block does not continue the previous one, with the cause:
+    # "late block", "seq gap", "ts gap", "rate change", "bad block" or NEW_CAPTURE (a separate
+    # capture, which is not a loss). None: the windows decide from the timestamps.
+    restart: str | None = None
 
     @property
     def duration(self) -> float:
         return len(self.samples) / self.sample_rate
+
+
+NEW_CAPTURE = "new capture"  # a restart that loses nothing: each capture is analysed on its own
 
 
 # Forwarding priority: higher goes upstream first and is evicted last.

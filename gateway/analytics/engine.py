@@ -16,7 +16,10 @@ from gateway.analytics.vibration import (
     DEFECTS, FeatureSpec, PlanCache, accel_scale, compute_batch,
 )
 from gateway.analytics.window import Window, WindowAssembler
-from gateway.model import Quality, Record, Sample, Waveform, iso_ts
+from gateway import logs
+from gateway.model import NEW_CAPTURE, Quality, Record, Sample, Waveform, iso_ts
+
+log = logs.get("analytics")
 
 _TIME_FEATURES = ("rms", "peak", "peak_to_peak", "crest_factor", "kurtosis", "skewness")
 
@@ -94,7 +97,8 @@ class AnalyticsEngine:
         samples thrown away by them -- for the health payload; nothing is dropped silently."""
         return {st.cfg.name: {"windows": st.windows, "gaps": st.assembler.gaps,
                               "dropped_samples": st.assembler.dropped_samples,
-                              "pending_samples": st.assembler.pending}
+                              "pending_samples": st.assembler.pending,
+                              "restarts": dict(st.assembler.restarts)}
                 for streams in self._streams.values() for st in streams}
 
     # ------------------------------------------------------------------ scalar samples
@@ -121,9 +125,12 @@ class AnalyticsEngine:
         for w in blocks:
             for st in self._streams.get(w.source, ()):
                 unit = st.unit if st.unit is not None else w.unit
-                for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality):
+                seen = len(st.assembler.restarts)
+                for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality, w.restart):
                     st.windows += 1
                     done.append((st, win, unit))
+                if len(st.assembler.restarts) > seen:  # a cause not seen before on this stream
+                    self._log_restart(st)
         if not done:
             return [], []
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -146,6 +153,16 @@ class AnalyticsEngine:
             records.append(rec)
             samples.extend(smp)
         return records, samples
+
+    @staticmethod
+    def _log_restart(st: _Stream) -> None:
+        """Once per stream and cause; the counts keep going in health (`restarts`)."""
+        cause = next(reversed(st.assembler.restarts))
+        if cause == NEW_CAPTURE:
+            return
+        log.warning("analysis.stream_restart", analysis=st.cfg.name, input=st.cfg.input, cause=cause,
+                    dropped_samples=st.assembler.dropped_samples,
+                    hint="the partial window was dropped; health shows restarts by cause")
 
     def _shaft_hz(self, cfg: AnalysisConfig) -> float | None:
         b = cfg.bearing

@@ -12,11 +12,12 @@ preallocated per-stream buffer, and overlap shifts that buffer in place.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.model import Quality
+from gateway.model import NEW_CAPTURE, Quality
 
 
 @dataclass(slots=True)
@@ -61,11 +62,19 @@ class WindowAssembler:
         self._last_len = 0
         self.gaps = 0  # restarts caused by gaps, rate changes or bad blocks
         self.dropped_samples = 0  # samples of partial windows thrown away by restarts
+        self.restarts: Counter[str] = Counter()  # every restart of the stream, by cause
 
     @property
     def pending(self) -> int:
         """Samples waiting in the current partial window."""
         return self._fill
+
+    def restart(self, cause: str) -> None:
+        """Start new windows at the next block; a cause other than NEW_CAPTURE is a gap."""
+        self.restarts[cause] += 1
+        if cause != NEW_CAPTURE:
+            self.gaps += 1
+        self.reset()
 
     def reset(self) -> None:
         if self._fill:
@@ -82,8 +91,11 @@ class WindowAssembler:
         return max(1.5 / fs, min(self.jitter_s, 0.5 * shortest / fs))
 
     def push(self, samples: np.ndarray, ts: float, sample_rate: float,
-             quality: Quality = Quality.GOOD) -> list[Window]:
-        """Add a block (first sample at `ts`); returns the windows it completes, oldest first."""
+             quality: Quality = Quality.GOOD, restart: str | None = None) -> list[Window]:
+        """Add a block (first sample at `ts`); returns the windows it completes, oldest first.
+
+        `restart`: the sender's word that this block does not continue the previous one (see
+        Waveform.restart); without it, the timestamps and sample rate decide."""
         x = np.asarray(samples)
         if x.ndim != 1:
             x = x.reshape(-1)
@@ -93,13 +105,16 @@ class WindowAssembler:
             return []
         if quality is Quality.BAD or not (fs > 0) or not np.isfinite(x).all():
             # Never analyse made-up or missing values: the stream restarts after this block.
-            self.gaps += 1
-            self.reset()
+            self.restart("bad block")
             self.dropped_samples += n
             return []
-        if self._fs is not None and (fs != self._fs or abs(ts - self._next_ts) > self.tolerance(n, fs)):
-            self.gaps += 1
-            self.reset()
+        if restart is not None:
+            if self._fs is not None or self._fill or restart != NEW_CAPTURE:
+                self.restart(restart)
+        elif self._fs is not None and fs != self._fs:
+            self.restart("rate change")
+        elif self._fs is not None and abs(ts - self._next_ts) > self.tolerance(n, fs):
+            self.restart("late block")
         if self._fs is None:
             self._fs = fs
         self._next_ts = ts + n / fs

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import structlog
 import pytest
 
 from gateway.analytics import AnalyticsEngine
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
-from gateway.model import Quality, Sample, Waveform
+from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform
 
 FS = 12000.0
 
@@ -154,7 +155,26 @@ def test_gap_and_bad_block_restart_windows():
     # the window restarts at the block after the gap: 4 blocks in, then 8 blocks = 1 window
     assert [r.ts for r in recs] == [pytest.approx(1000.0 + 4 * 512 / FS)]
     assert eng.stats() == {"m1_de": {"windows": 1, "gaps": 1, "dropped_samples": 3 * 512,
-                                     "pending_samples": 4 * 512}}
+                                     "pending_samples": 4 * 512, "restarts": {"late block": 1}}}
+
+
+def test_restarts_declared_by_the_driver_are_counted_by_cause_and_logged_once():
+    cfg = analysis(features=["rms"], bearing=None)
+    eng = AnalyticsEngine([cfg], SummariesConfig(), {"m1.accel": "g"})
+    ws = blocks(signal(8192), 512)
+    for i in (2, 5):
+        ws[i].restart = "seq gap"  # timestamps continue, but the sender says a block is missing
+    ws[7].restart = NEW_CAPTURE
+    with structlog.testing.capture_logs() as logs:
+        recs = [r for w in ws for r in eng.on_waveform(w)[0]]
+    # windows of 8 blocks: only the capture that starts at block 7 holds one
+    assert [r.ts for r in recs] == [pytest.approx(1000.0 + 7 * 512 / FS)]
+    st = eng.stats()["m1_de"]
+    assert st["restarts"] == {"seq gap": 2, NEW_CAPTURE: 1}
+    assert st["gaps"] == 2  # a new capture is not a loss
+    assert st["dropped_samples"] == (2 + 3 + 2) * 512
+    assert [(e["event"], e["cause"]) for e in logs if e["event"] == "analysis.stream_restart"] == [
+        ("analysis.stream_restart", "seq gap")]
 
 
 def test_other_sources_are_ignored():
