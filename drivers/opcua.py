@@ -1,5 +1,9 @@
 """OPC UA client driver (asyncua): data-change subscriptions or polling.
 
+A tag with `sample_rate` (or `sample_rate_node`) is a waveform tag: its node holds a 1-D numeric
+array, and each new value of it (a new source timestamp) is one Waveform block whose first
+sample is at the value's source timestamp.
+
 asyncua's own auto-reconnect is left off: one reconnect policy (`drivers.base.supervise`) for
 every driver, and a fresh session re-creates the subscriptions from the config, which also
 works after a server restart that forgot every session.
@@ -10,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
 from cryptography import x509
@@ -22,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise, until_lost
 from gateway import logs
 from gateway.health import DeviceHealth
-from gateway.model import Quality, Sample
+from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform
 from gateway.schema import Duration, Name, StrictModel, read_secret
 
 log = logs.get("drivers.opcua")
@@ -59,15 +65,36 @@ class OpcUaTag(StrictModel):
     sampling_interval: Duration | None = None  # subscribe mode; default: the device's
     deadband: float | None = Field(None, ge=0)  # subscribe mode; absolute unless deadband_type percent
     deadband_type: Literal["absolute", "percent"] = "absolute"
+    # Waveform tags: the node holds a 1-D Float/Double/Int16/Int32 array sampled at this rate (Hz),
+    # or at the rate held by `sample_rate_node`.
+    sample_rate: float | None = Field(None, gt=0)
+    sample_rate_node: str | None = None
+    # separate: each array is a capture of its own (windows start afresh, a short one is dropped);
+    # continuous: successive arrays are one stream, glued by the sample clock.
+    capture: Literal["separate", "continuous"] = "separate"
 
-    @field_validator("node")
+    @field_validator("node", "sample_rate_node")
     @classmethod
-    def _node_id(cls, node: str) -> str:
+    def _node_id(cls, node: str | None) -> str | None:
+        if node is None:
+            return None
         try:
             ua.NodeId.from_string(node)
         except Exception:  # noqa: BLE001 - asyncua raises several types for a bad id
             raise ValueError(f"not an OPC UA node id: {node!r}") from None
         return node
+
+    @model_validator(mode="after")
+    def _check(self) -> "OpcUaTag":
+        if self.sample_rate is not None and self.sample_rate_node is not None:
+            raise ValueError("sample_rate and sample_rate_node: give one")
+        if not self.waveform and "capture" in self.model_fields_set:
+            raise ValueError("capture applies to waveform tags only (with sample_rate or sample_rate_node)")
+        return self
+
+    @property
+    def waveform(self) -> bool:
+        return self.sample_rate is not None or self.sample_rate_node is not None
 
 
 class OpcUaConfig(DeviceConfig):
@@ -90,6 +117,9 @@ class OpcUaConfig(DeviceConfig):
         if len(names) != len(set(names)):
             raise ValueError("tag names must be unique within a device")
         return self
+
+    def waveform_tags(self) -> set[str]:
+        return {t.name for t in self.tags if t.waveform}
 
     def resolved_password(self) -> str | None:
         return self.password if self.password is not None else read_secret(self.password_file)
@@ -126,6 +156,49 @@ def to_sample(source: str, unit: str | None, dv: ua.DataValue, received: float) 
     return Sample(source, None, ts, Quality.BAD, unit)
 
 
+# Array types a waveform node may hold, and the dtype its samples keep (exact for each).
+_ARRAY_DTYPES = {ua.VariantType.Float: np.float32, ua.VariantType.Int16: np.float32,
+                 ua.VariantType.Double: np.float64, ua.VariantType.Int32: np.float64}
+
+
+class ArrayError(ValueError):
+    """A waveform tag's value that is not a block: a scalar, 2-D, non-numeric, empty, NaN."""
+
+
+def to_block(variant: ua.Variant | None) -> np.ndarray:
+    """The samples of a waveform tag's value (a 1-D numeric array); ArrayError otherwise."""
+    if variant is None or variant.Value is None:
+        raise ArrayError("no value")
+    if not variant.is_array:
+        raise ArrayError(f"a scalar {variant.VariantType.name}, not an array")
+    if variant.Dimensions and len(variant.Dimensions) > 1:
+        raise ArrayError(f"a {len(variant.Dimensions)}-D array, not 1-D")
+    dtype = _ARRAY_DTYPES.get(variant.VariantType)
+    if dtype is None:
+        raise ArrayError(f"a {variant.VariantType.name} array, not Float, Double, Int16 or Int32")
+    try:
+        samples = np.asarray(variant.Value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise ArrayError("an array that does not convert to numbers") from None
+    if samples.ndim != 1:
+        raise ArrayError(f"a {samples.ndim}-D array, not 1-D")
+    if samples.size == 0:
+        raise ArrayError("an empty array")
+    if not np.isfinite(samples).all():
+        raise ArrayError("an array holding NaN or infinity")
+    return samples
+
+
+def _rate(dv: ua.DataValue) -> float | None:
+    """A sample rate read from a `sample_rate_node`: a good, finite, positive number, or None."""
+    if dv.StatusCode is not None and not dv.StatusCode.is_good():
+        return None
+    value = dv.Value.Value if dv.Value is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
 class _Changes:
     """asyncua subscription handler: hands data changes to the driver's bounded queue."""
 
@@ -160,6 +233,10 @@ class OpcUaDriver:
         self.config = config
         self.health = health
         self.health.extra.setdefault("mode", config.mode)
+        self._rate_tags = [t for t in config.tags if t.sample_rate_node is not None]
+        self._rates: dict[str, float] = {}  # tag -> rate read from its sample_rate_node
+        self._last_stamp: dict[str, tuple] = {}  # waveform tag -> timestamps of the last array seen
+        self._next_ts: dict[str, float] = {}  # continuous waveform tag -> where its next block starts
 
     async def run(self, emit: Emit) -> None:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
@@ -206,16 +283,15 @@ class OpcUaDriver:
                 raise DeviceDisconnected(f"connect failed: {type(exc).__name__}: {exc}") from None
             self.health.ok()
             nodes = [client.get_node(t.node) for t in cfg.tags]
+            rate_nodes = [client.get_node(t.sample_rate_node) for t in self._rate_tags]
             try:
                 if cfg.mode == "poll":
-                    await self._poll_forever(client, nodes, lost, emit)
+                    await self._poll_forever(client, nodes, rate_nodes, lost, emit)
                 else:
-                    await self._subscribe_forever(client, nodes, lost, emit)
+                    await self._subscribe_forever(client, nodes, rate_nodes, lost, emit)
             except DriverError:
                 # Consumers must see that the values stopped being true, once per outage.
-                now = time.time()
-                for tag in cfg.tags:
-                    await emit(Sample(f"{cfg.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                await self._emit_bad(cfg.tags, emit)
                 raise
         finally:
             try:
@@ -223,7 +299,16 @@ class OpcUaDriver:
             except Exception:  # noqa: BLE001 - the server may already be gone; nothing to do
                 pass
 
-    async def _poll_forever(self, client: Client, nodes: list, lost: asyncio.Event, emit: Emit) -> None:
+    async def _emit_bad(self, tags: list[OpcUaTag], emit: Emit) -> None:
+        """A BAD sample for each scalar tag. A waveform tag has no block to send: its analysis
+        sees the missing time as a gap."""
+        now = time.time()
+        for tag in tags:
+            if not tag.waveform:
+                await emit(Sample(f"{self.config.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
+
+    async def _poll_forever(self, client: Client, nodes: list, rate_nodes: list, lost: asyncio.Event,
+                            emit: Emit) -> None:
         cfg = self.config
 
         async def poll() -> None:
@@ -231,44 +316,58 @@ class OpcUaDriver:
                 raise DeviceDisconnected("connection lost")
             started = time.monotonic()
             with _peer_errors("read"):
-                values = await client.read_attributes(nodes)
+                values = await client.read_attributes(nodes + rate_nodes)
             received = time.time()
             self.health.ok((time.monotonic() - started) * 1000.0, now=received)
+            for tag, dv in zip(self._rate_tags, values[len(nodes):]):
+                self._set_rate(tag, dv)
             for tag, dv in zip(cfg.tags, values):
                 await self._emit_value(tag, dv, received, emit)
 
         await every(cfg.poll_interval, poll, self.health)
 
-    async def _subscribe_forever(self, client: Client, nodes: list, lost: asyncio.Event, emit: Emit) -> None:
+    async def _subscribe_forever(self, client: Client, nodes: list, rate_nodes: list, lost: asyncio.Event,
+                                 emit: Emit) -> None:
         cfg = self.config
         queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.queue_size)
-        by_handle = dict(enumerate(cfg.tags, start=1))  # client handle -> tag
+        # client handle -> (tag, is its rate node): tags first, then the rate nodes
+        items = [(t, False) for t in cfg.tags] + [(t, True) for t in self._rate_tags]
+        by_handle = dict(enumerate(items, start=1))
         with _peer_errors("subscribe"):
+            if rate_nodes:  # before the first array arrives; the subscription then reports changes
+                for tag, dv in zip(self._rate_tags, await client.read_attributes(rate_nodes)):
+                    self._set_rate(tag, dv)
             subscription = await client.create_subscription(cfg.poll_interval * 1000.0, _Changes(queue, lost))
-            params = [self._monitored_item(node, tag, handle)
-                      for handle, (node, tag) in enumerate(zip(nodes, cfg.tags), start=1)]
+            params = [self._monitored_item(node, tag, handle, rate)
+                      for handle, (node, (tag, rate)) in enumerate(zip(nodes + rate_nodes, items), start=1)]
             results = await subscription.create_monitored_items(params)
-        now = time.time()
-        for tag, result in zip(cfg.tags, results):
+        for (tag, rate), result in zip(items, results):
             if isinstance(result, ua.StatusCode) and not result.is_good():
                 # the node does not exist or cannot be monitored: the tag is bad, not the device
-                self.health.bad_value(f"{tag.node}: {result.name}", key=f"tag:{tag.name}")
-                await emit(Sample(f"{cfg.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                node = tag.sample_rate_node if rate else tag.node
+                self.health.bad_value(f"{node}: {result.name}", key=f"{'rate' if rate else 'tag'}:{tag.name}")
+                await self._emit_bad([tag], emit)
         async with contextlib.aclosing(until_lost(queue, lost, "connection lost")) as changes:
             async for handle, dv, received in changes:
-                tag = by_handle.get(handle)
-                if tag is not None:
-                    self.health.ok(now=received)
+                item = by_handle.get(handle)
+                if item is None:
+                    continue
+                self.health.ok(now=received)
+                tag, rate = item
+                if rate:
+                    self._set_rate(tag, dv)
+                else:
                     await self._emit_value(tag, dv, received, emit)
 
-    def _monitored_item(self, node, tag: OpcUaTag, handle: int) -> ua.MonitoredItemCreateRequest:  # noqa: ANN001
+    def _monitored_item(self, node, tag: OpcUaTag, handle: int,  # noqa: ANN001
+                        rate_node: bool = False) -> ua.MonitoredItemCreateRequest:
         params = ua.MonitoringParameters()
         params.ClientHandle = handle
         params.SamplingInterval = (tag.sampling_interval if tag.sampling_interval is not None
                                    else self.config.sampling_interval) * 1000.0
         params.QueueSize = 10
         params.DiscardOldest = True
-        if tag.deadband is not None:
+        if tag.deadband is not None and not rate_node:
             flt = ua.DataChangeFilter()
             flt.Trigger = ua.DataChangeTrigger.StatusValue
             flt.DeadbandType = 1 if tag.deadband_type == "absolute" else 2
@@ -280,7 +379,22 @@ class OpcUaDriver:
         request.RequestedParameters = params
         return request
 
+    def _set_rate(self, tag: OpcUaTag, dv: ua.DataValue) -> None:
+        rate = _rate(dv)
+        key = f"rate:{tag.name}"
+        if rate is None:
+            self._rates.pop(tag.name, None)
+            shown = dv.Value.Value if dv.Value is not None else None
+            code = dv.StatusCode.name if dv.StatusCode is not None else "Good"
+            self.health.bad_value(f"{tag.sample_rate_node}: not a sample rate ({code}, {shown!r:.40})", key=key)
+        else:
+            self._rates[tag.name] = rate
+            self.health.good_value(key=key)
+
     async def _emit_value(self, tag: OpcUaTag, dv: ua.DataValue, received: float, emit: Emit) -> None:
+        if tag.waveform:
+            await self._emit_array(tag, dv, received, emit)
+            return
         sample = to_sample(f"{self.config.name}.{tag.name}", tag.unit, dv, received)
         key = f"tag:{tag.name}"
         if sample.quality is Quality.BAD:
@@ -289,6 +403,53 @@ class OpcUaDriver:
         else:
             self.health.good_value(key=key)
         await emit(sample)
+
+    async def _emit_array(self, tag: OpcUaTag, dv: ua.DataValue, received: float, emit: Emit) -> None:
+        """One new array value -> one Waveform block. A value seen before (polling reads the same
+        capture until the server has a new one) is skipped; a bad status or a value that is not a
+        1-D numeric array is counted in bad_values and gives no block."""
+        stamp = (dv.SourceTimestamp, dv.ServerTimestamp)
+        if stamp != (None, None):
+            if self._last_stamp.get(tag.name) == stamp:
+                return
+            self._last_stamp[tag.name] = stamp
+        key = f"tag:{tag.name}"
+        status = dv.StatusCode if dv.StatusCode is not None else ua.StatusCode()
+        if not (status.is_good() or status.is_uncertain()):
+            self.health.bad_value(f"{tag.node}: {status.name}", key=key)
+            return
+        try:
+            samples = to_block(dv.Value)
+        except ArrayError as exc:
+            self.health.bad_value(f"{tag.node}: {exc} (waveform tag)", key=key)
+            return
+        fs = tag.sample_rate if tag.sample_rate is not None else self._rates.get(tag.name)
+        if fs is None:
+            self.health.bad_value(f"{tag.node}: no sample rate from {tag.sample_rate_node}", key=key)
+            return
+        self.health.good_value(key=key)
+        ts = _epoch(dv.SourceTimestamp) or _epoch(dv.ServerTimestamp) or received
+        if tag.capture == "separate":
+            restart: str | None = NEW_CAPTURE
+        else:
+            ts, restart = self._sample_clock(tag.name, ts, samples.size, fs)
+        quality = Quality.GOOD if status.is_good() else Quality.UNCERTAIN
+        await emit(Waveform(f"{self.config.name}.{tag.name}", samples, fs, ts, tag.unit, quality, restart))
+
+    def _sample_clock(self, name: str, ts: float, n: int, fs: float) -> tuple[float, str | None]:
+        """Continuous capture: (first-sample time, restart cause). An array whose source timestamp
+        is within half an array (plus 1.5 sample periods) of where the previous one ended
+        continues it exactly, so timestamp rounding never breaks the stream; otherwise arrays
+        were missed (or the device restarted) and the windows start again ("ts gap")."""
+        expected = self._next_ts.get(name)
+        restart = None
+        if expected is not None:
+            if abs(ts - expected) <= 0.5 * n / fs + 1.5 / fs:
+                ts = expected
+            else:
+                restart = "ts gap"
+        self._next_ts[name] = ts + n / fs
+        return ts, restart
 
 
 def _certificate_uri(path: Path) -> str | None:

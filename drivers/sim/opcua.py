@@ -1,4 +1,4 @@
-"""A simulated OPC UA oven (asyncua server).
+"""A simulated OPC UA oven and motor vibration collector (asyncua server).
 
 Nodes, all in the namespace `urn:edge-gateway:sim` (index 2, so ids read `ns=2;s=Oven.X`):
 
@@ -9,6 +9,12 @@ Nodes, all in the namespace `urn:edge-gateway:sim` (index 2, so ids read `ns=2;s
   Oven.State        String   "running" / "idle"
   Oven.Broken       Double   always status BadSensorFailure, for bad-quality tests
   Oven.Counter      Int64    +1 every update, for throughput measurements
+  Motor.Capture     Float[]  a vibration capture (g): `capture_samples` at `capture_rate` Hz of a
+                             bearing with an outer-race defect (drivers.sim.vibration), a new one
+                             every `capture_every` seconds, stamped with the capture's start;
+                             with `capture_every=None` the arrays follow each other without a
+                             pause (one continuous stream cut into arrays)
+  Motor.SampleRate  Double   the capture's sample rate, for `sample_rate_node`
 
 Every update carries a source timestamp. With `secure=True` the only endpoint is Basic256Sha256
 SignAndEncrypt with a self-signed server certificate generated into `cert_dir`; with `users`
@@ -22,7 +28,10 @@ import datetime as _dt
 import math
 import random
 import time
+from collections import deque
 from pathlib import Path
+
+import numpy as np
 
 from asyncua import Server, ua
 from asyncua.crypto import cert_gen
@@ -31,9 +40,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from drivers.sim.vibration import make_signal
+
 NAMESPACE = "urn:edge-gateway:sim"
 SERVER_URI = "urn:edge-gateway:sim:server"
 NODES = ("Temperature", "Setpoint", "Running", "Parts", "State", "Broken", "Counter")
+MOTOR_NODES = ("Capture", "SampleRate")
 
 
 def generate_certificate(directory: str | Path, name: str, app_uri: str, *, server: bool,
@@ -67,7 +79,9 @@ class _Users:
 class OpcUaSimulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 4840, *, secure: bool = False,
                  cert_dir: str | Path | None = None, users: dict[str, str] | None = None,
-                 period: float = 0.1, run_s: float = 20.0, stop_s: float = 5.0) -> None:
+                 period: float = 0.1, run_s: float = 20.0, stop_s: float = 5.0,
+                 capture_samples: int = 4096, capture_rate: float = 12800.0, capture_every: float | None = 1.0,
+                 shaft_hz: float = 29.93) -> None:
         self.endpoint = f"opc.tcp://{host}:{port}/"
         self.secure = secure
         self.cert_dir = Path(cert_dir) if cert_dir else None
@@ -77,9 +91,13 @@ class OpcUaSimulator:
         self.server: Server | None = None
         self.nodes: dict[str, object] = {}
         self.server_certificate: Path | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._rng = random.Random(2)
         self.t0 = time.time()
+        self.capture_samples, self.capture_rate, self.capture_every = capture_samples, capture_rate, capture_every
+        self.shaft_hz = shaft_hz
+        self.captures: deque[float] = deque(maxlen=10_000)  # source timestamps of the captures written
+        self._signal_rng = np.random.default_rng(7)
 
     async def start(self) -> "OpcUaSimulator":
         server = Server(user_manager=_Users(self.users) if self.users else None)
@@ -108,14 +126,47 @@ class OpcUaSimulator:
             node = await oven.add_variable(ua.NodeId(f"Oven.{name}", idx), ua.QualifiedName(name, idx),
                                            ua.Variant(value, vtype))
             self.nodes[name] = node
+        motor = await server.nodes.objects.add_object(ua.NodeId("Motor", idx), ua.QualifiedName("Motor", idx))
+        self.nodes["Capture"] = await motor.add_variable(
+            ua.NodeId("Motor.Capture", idx), ua.QualifiedName("Capture", idx), ua.Variant([0.0], ua.VariantType.Float))
+        first = time.time() - self.capture_duration
+        await self._write_capture(first)
+        self.nodes["SampleRate"] = await motor.add_variable(
+            ua.NodeId("Motor.SampleRate", idx), ua.QualifiedName("SampleRate", idx),
+            ua.Variant(float(self.capture_rate), ua.VariantType.Double))
         await self.nodes["Setpoint"].set_writable()
         await self.nodes["Broken"].write_value(ua.DataValue(
             ua.Variant(0.0, ua.VariantType.Double), ua.StatusCode(ua.StatusCodes.BadSensorFailure),
             SourceTimestamp=_dt.datetime.now(_dt.timezone.utc)))
         await server.start()
         self.server = server
-        self._task = asyncio.create_task(self._update(), name="sim.opcua.update")
+        self._tasks = [asyncio.create_task(self._update(), name="sim.opcua.update"),
+                       asyncio.create_task(self._capture(first), name="sim.opcua.capture")]
         return self
+
+    @property
+    def capture_duration(self) -> float:
+        return self.capture_samples / self.capture_rate
+
+    async def _write_capture(self, t0: float) -> None:
+        """One capture starting at `t0`, as a Float array stamped with its start."""
+        signal = make_signal(self.capture_rate, self.capture_samples, t0, self.shaft_hz, fault="outer",
+                             severity=0.3, rng=self._signal_rng)
+        stamp = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc)
+        await self.nodes["Capture"].write_value(ua.DataValue(
+            ua.Variant(signal.tolist(), ua.VariantType.Float), SourceTimestamp=stamp,
+            ServerTimestamp=_dt.datetime.now(_dt.timezone.utc)))
+        self.captures.append(stamp.timestamp())
+
+    async def _capture(self, first: float) -> None:
+        step = self.capture_every if self.capture_every is not None else self.capture_duration
+        k = 1
+        while True:
+            t0 = first + k * step
+            # written once complete, as a data collector would; late writes keep their stamps
+            await asyncio.sleep(max(0.0, t0 + self.capture_duration - time.time()))
+            await self._write_capture(t0)
+            k += 1
 
     def running(self, now: float) -> bool:
         return (now - self.t0) % (self.run_s + self.stop_s) < self.run_s
@@ -140,13 +191,10 @@ class OpcUaSimulator:
             await asyncio.sleep(self.period)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self.server is not None:
             await self.server.stop()
             self.server = None
