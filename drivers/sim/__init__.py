@@ -8,7 +8,9 @@ modbus     host="127.0.0.1", port=5020, unit_ids=(1,), serial_port=None (RTU on 
 opcua      host="127.0.0.1", port=4840, secure=False (Basic256Sha256 SignAndEncrypt only, with a
            self-signed certificate written to cert_dir), cert_dir=None, users=None
            ({"name": "password"}: username token required), period=0.5 (s between updates),
-           ready=asyncio.Event. Node ids: ns=2;s=Oven.Temperature ... (drivers/sim/opcua.py).
+           capture_samples=4096, capture_rate=12800.0, capture_every=1.0 (s between vibration
+           captures in Motor.Capture; None: back to back), ready=asyncio.Event.
+           Node ids: ns=2;s=Oven.Temperature ..., ns=2;s=Motor.Capture (drivers/sim/opcua.py).
 vibration  host="127.0.0.1", port=1883 (an MQTT broker), topic="sensors/motor1/accel",
            sample_rate=12000.0, block=4096, shaft_hz=29.93, fault="outer" ("inner" or None),
            severity=0.05, grow_s=300.0, max_severity=1.0, noise_g=0.02,

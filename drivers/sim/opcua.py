@@ -201,10 +201,13 @@ class OpcUaSimulator:
 
 
 async def serve(host: str = "127.0.0.1", port: int = 4840, secure: bool = False, cert_dir: str | None = None,
-                users: dict[str, str] | None = None, period: float = 0.5,
+                users: dict[str, str] | None = None, period: float = 0.5, capture_samples: int = 4096,
+                capture_rate: float = 12800.0, capture_every: float | None = 1.0,
                 ready: asyncio.Event | None = None) -> None:
-    """Run the simulated oven until cancelled."""
-    sim = await OpcUaSimulator(host, port, secure=secure, cert_dir=cert_dir, users=users, period=period).start()
+    """Run the simulated oven and motor until cancelled."""
+    sim = await OpcUaSimulator(host, port, secure=secure, cert_dir=cert_dir, users=users, period=period,
+                               capture_samples=capture_samples, capture_rate=capture_rate,
+                               capture_every=capture_every).start()
     from drivers.sim import hold
 
     await hold(sim, ready)
