@@ -64,7 +64,8 @@ async def blocks(drv: OpcUaDriver, count: int, timeout: float = 10.0) -> list:
 
 def analyse(waveforms: list, **windows: int) -> tuple[dict, dict]:
     """Feed the blocks to an engine with one analysis per `name=window`: (records by analysis, stats)."""
-    cfgs = [AnalysisConfig(name=name, input="motor.accel", window=size, features=["rms"]) for name, size in windows.items()]
+    cfgs = [AnalysisConfig(name=name, input="motor.accel", window=size, features=["rms"])
+            for name, size in windows.items()]
     engine = AnalyticsEngine(cfgs, SummariesConfig(), {"motor.accel": "g"})
     records: dict[str, list] = {name: [] for name in windows}
     for w in waveforms:

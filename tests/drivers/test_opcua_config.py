@@ -52,15 +52,17 @@ ACCEL = {"name": "accel", "node": "ns=2;s=Motor.Capture", "sample_rate": 12800, 
 
 def test_waveform_tags_are_the_ones_with_a_sample_rate():
     ok = dict(name="motor", driver="opcua", endpoint="opc.tcp://127.0.0.1:4840")
-    cfg = OpcUaConfig(**ok, tags=[*TAGS, ACCEL, {"name": "accel2", "node": "ns=2;s=Motor.Capture",
-                                                 "sample_rate_node": "ns=2;s=Motor.SampleRate", "capture": "continuous"}])
+    accel2 = {"name": "accel2", "node": "ns=2;s=Motor.Capture", "sample_rate_node": "ns=2;s=Motor.SampleRate",
+              "capture": "continuous"}
+    cfg = OpcUaConfig(**ok, tags=[*TAGS, ACCEL, accel2])
     assert cfg.waveform_tags() == {"accel", "accel2"} and cfg.tag_names() == ["temp", "accel", "accel2"]
     assert cfg.tags[1].capture == "separate" and cfg.tags[2].capture == "continuous"
     for broken, fragment in [({**ACCEL, "sample_rate_node": "ns=2;s=Motor.SampleRate"}, "give one"),
                              ({**TAGS[0], "capture": "separate"}, "capture applies to waveform tags only"),
                              ({**ACCEL, "sample_rate": 0}, "greater than 0"),
                              ({**ACCEL, "capture": "glued"}, "'separate' or 'continuous'"),
-                             ({"name": "a", "node": "ns=2;s=M.C", "sample_rate_node": "nope;;"}, "not an OPC UA node id")]:
+                             ({"name": "a", "node": "ns=2;s=M.C", "sample_rate_node": "nope;;"},
+                              "not an OPC UA node id")]:
         with pytest.raises(ValidationError, match=fragment):
             OpcUaConfig(**ok, tags=[broken])
 

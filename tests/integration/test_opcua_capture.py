@@ -14,7 +14,8 @@ async def test_each_polled_capture_is_one_feature_record_at_its_source_timestamp
                                capture_every=0.5).start()
     collector = collector_factory(mosquitto, ["edge/gw1/features/#", "edge/gw1/health"])
     raw = gateway_config(
-        devices=[{"name": "motor2", "driver": "opcua", "endpoint": sim.endpoint, "mode": "poll", "poll_interval": "100ms",
+        devices=[{"name": "motor2", "driver": "opcua", "endpoint": sim.endpoint, "mode": "poll",
+                  "poll_interval": "100ms",
                   "tags": [{"name": "accel", "node": "ns=2;s=Motor.Capture", "sample_rate": 12800, "unit": "g",
                             "capture": "separate"}]}],
         analyses=[{"name": "motor2_de", "input": "motor2.accel", "window": 4096,
