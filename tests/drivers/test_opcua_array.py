@@ -103,7 +103,7 @@ async def test_continuous_arrays_are_glued_into_windows(stream):
     drv = driver(stream, "subscribe", [{"name": "accel", "node": "ns=2;s=Motor.Capture", "sample_rate": FS,
                                         "unit": "g", "capture": "continuous"}])
     waveforms = await blocks(drv, 7)
-    assert all(w.restart is None for w in waveforms)
+    assert [w.restart for w in waveforms] == [None] * len(waveforms)
     starts = [w.ts for w in waveforms]
     assert all(written(stream, ts) for ts in starts)
     assert np.diff(starts).tolist() == [pytest.approx(STREAM / FS, abs=1e-6)] * (len(starts) - 1)
