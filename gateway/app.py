@@ -273,17 +273,23 @@ class App:
         """Every rebirth writes all alarms into the buffer again, so they are rate-limited: at
         most one per REBIRTH_INTERVAL. A request within the interval is merged into one rebirth
         at its end (so the requester still gets the state from after its request)."""
-        now = time.monotonic()
-        wait = 0.0 if self._last_rebirth is None else self._last_rebirth + REBIRTH_INTERVAL - now
+        wait = 0.0 if self._last_rebirth is None else self._last_rebirth + REBIRTH_INTERVAL - time.monotonic()
         if wait <= 0:
-            self._last_rebirth = now
-            return {"ok": True, "merged": False, "alarms": self.pipeline.rebirth() if self.pipeline else 0}
+            return {"ok": True, "merged": False, "alarms": self._rebirth_now()}
         if self._rebirth_due is None:
-            def due() -> None:
-                self._rebirth_due = None
-                self._rebirth()
-            self._rebirth_due = asyncio.get_running_loop().call_later(wait, due)
+            self._rebirth_due = asyncio.get_running_loop().call_later(wait, self._merged_rebirth)
         return {"ok": True, "merged": True, "due_in_s": round(wait, 3)}
+
+    def _rebirth_now(self) -> int:
+        self._last_rebirth = time.monotonic()
+        return self.pipeline.rebirth() if self.pipeline else 0
+
+    def _merged_rebirth(self) -> None:
+        self._rebirth_due = None
+        try:
+            self._rebirth_now()
+        except Exception:  # noqa: BLE001 - no requester is waiting for this one's reply
+            log.exception("command.rebirth_failed", hint="the next cmd/rebirth tries again")
 
     # ----- lifetime -----
 
