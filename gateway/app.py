@@ -30,6 +30,7 @@ log = logs.get("gateway.app")
 QUEUE_SIZE = 10_000  # samples and waveform blocks between drivers and processing
 TICK = 0.5  # seconds between rule ticks (for/clear_for/stale timing resolution)
 STOP_BOUND = 3.0  # seconds a stage may take to end when cancelled before it is named and cancelled again
+REBIRTH_INTERVAL = 5.0  # seconds: at most one cmd/rebirth writes the alarms into the buffer per interval
 
 
 class Pipeline:
@@ -65,12 +66,14 @@ class Pipeline:
     def _store(self, records: list[Record]) -> None:
         state = self.rules.take_state()
         if records or state:
-            self.buffer.append(records, state=state)
+            seqs = self.buffer.append(records, state=state)
+            self.rules.numbered(records, seqs)
             self.upstream.wake()
 
     def _on_connected(self) -> None:
-        """After each connect: the last state of every alarm again, and a health report at once
-        (the one sent right after start may have found the broker not yet connected)."""
+        """After each connect: the last state of every alarm again (marked `replay`), and a
+        health report at once (the one sent right after start may have found the broker not
+        yet connected)."""
         self._store(self.rules.retained())
         self.upstream.publish_direct("health", self.health_payload())
 
@@ -188,7 +191,7 @@ class Pipeline:
             "gateway": self.cfg.gateway.id,
             "ts": iso_ts(now),
             "version": __version__,
-            "uptime_s": round(now - self.started_at, 3),
+            "uptime_s": self.app.uptime(),
             "devices": {name: h.to_dict() for name, h in self.device_health.items()},
             "buffer": {
                 "depth": self.buffer.depth,
@@ -203,6 +206,7 @@ class Pipeline:
                 "connected": self.upstream.connected,
                 "published": self.upstream.published,
                 "refused": self.upstream.refused,
+                "response_topics_refused": self.upstream.response_topics_refused,
                 "publish_rate": round(rate, 2),
                 "connects": self.upstream.connects,
                 "last_error": self.upstream.last_error,
@@ -221,7 +225,10 @@ class App:
         self.cfg = cfg
         self.config_path = config_path
         self.notifier = notifier or Notifier()
-        self.started_at = time.time()
+        self.started_at = time.time()  # wall: `started_at` in status
+        self._started_mono = time.monotonic()  # for uptime: an NTP step must not make it jump
+        self._last_rebirth: float | None = None  # monotonic
+        self._rebirth_due: asyncio.TimerHandle | None = None
         self.pipeline: Pipeline | None = None
         self._stopping = asyncio.Event()
         self._pending: GatewayConfig | None = None
@@ -249,16 +256,40 @@ class App:
         self._reload.set()
         return []
 
+    def uptime(self) -> float:
+        return round(time.monotonic() - self._started_mono, 3)
+
     async def command(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
         if name == "ping":
-            return {"ok": True, "pong": True, "uptime_s": round(time.time() - self.started_at, 3), "version": __version__}
+            return {"ok": True, "pong": True, "uptime_s": self.uptime(), "version": __version__}
         if name == "reload":
             problems = self.request_reload()
             return {"ok": not problems, "error": "\n".join(problems) if problems else None}
         if name == "rebirth":
-            n = self.pipeline.rebirth() if self.pipeline else 0
-            return {"ok": True, "alarms": n}
+            return self._rebirth()
         return {"ok": False, "error": f"unknown command {name!r} (known: ping, reload, rebirth)"}
+
+    def _rebirth(self) -> dict[str, Any]:
+        """Every rebirth writes all alarms into the buffer again, so they are rate-limited: at
+        most one per REBIRTH_INTERVAL. A request within the interval is merged into one rebirth
+        at its end (so the requester still gets the state from after its request)."""
+        wait = 0.0 if self._last_rebirth is None else self._last_rebirth + REBIRTH_INTERVAL - time.monotonic()
+        if wait <= 0:
+            return {"ok": True, "merged": False, "alarms": self._rebirth_now()}
+        if self._rebirth_due is None:
+            self._rebirth_due = asyncio.get_running_loop().call_later(wait, self._merged_rebirth)
+        return {"ok": True, "merged": True, "due_in_s": round(wait, 3)}
+
+    def _rebirth_now(self) -> int:
+        self._last_rebirth = time.monotonic()
+        return self.pipeline.rebirth() if self.pipeline else 0
+
+    def _merged_rebirth(self) -> None:
+        self._rebirth_due = None
+        try:
+            self._rebirth_now()
+        except Exception:  # noqa: BLE001 - no requester is waiting for this one's reply
+            log.exception("command.rebirth_failed", hint="the next cmd/rebirth tries again")
 
     # ----- lifetime -----
 
@@ -294,6 +325,8 @@ class App:
                 if watchdog is not None:
                     watchdog.cancel()
         finally:
+            if self._rebirth_due is not None:
+                self._rebirth_due.cancel()  # the buffer is closing: too late for a merged rebirth
             buffer.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -22,7 +22,7 @@ from typing import Any
 import sqlite_utils
 
 from gateway import logs
-from gateway.model import Record, iso_ts
+from gateway.model import Clock, Record, iso_ts
 
 log = logs.get("gateway.buffer")
 
@@ -79,8 +79,10 @@ def encode(gateway_id: str, seq: int, record: Record) -> bytes:
 
 class Buffer:
     def __init__(self, path: str | Path, gateway_id: str, *, max_bytes: int = 1 << 30,
-                 durability: str = "normal", readonly: bool = False) -> None:
+                 durability: str = "normal", readonly: bool = False, clock: Clock = time) -> None:
         self.path = Path(path)
+        self._clock = clock
+        self._epoch = (clock.time(), clock.monotonic())  # for `now()`
         self.gateway_id = gateway_id
         self.max_bytes = max_bytes
         self.durability = durability
@@ -93,6 +95,7 @@ class Buffer:
             self._connect_readonly()
         else:
             self._open()
+            self._release_deferred()
 
     # ----- opening, corruption handling -----
 
@@ -312,9 +315,25 @@ class Buffer:
 
     # ----- forwarding -----
 
+    # Retry times (`not_before`) are on the buffer's own clock, `now()`: the wall time at open
+    # plus the monotonic seconds since. A step of the wall clock while the gateway runs can then
+    # neither release refused rows early nor hold them back for the size of the step. That clock
+    # means nothing to the next process (the wall clock may have been stepped while it was
+    # down), so a retry time left by an earlier run is not trusted: those rows are due at once
+    # (a restart is a retry too; at worst the broker refuses a row once more and it waits again).
+
+    def now(self) -> float:
+        """The buffer's clock for `defer`, `fetch` and `next_due` (epoch-like seconds, monotonic)."""
+        wall, mono = self._epoch
+        return wall + (self._clock.monotonic() - mono)
+
+    def _release_deferred(self) -> None:
+        self.conn.execute("UPDATE outbox SET not_before=0 WHERE not_before>0")
+
     def fetch(self, after: dict[int, int], limit: int, now: float | None = None) -> list[Row]:
-        """Rows due for sending, highest priority first, each priority in seq order after `after[p]`."""
-        now = time.time() if now is None else now
+        """Rows due for sending, highest priority first, each priority in seq order after `after[p]`.
+        `now` is on the buffer's clock (default `now()`)."""
+        now = self.now() if now is None else now
         out: list[Row] = []
         for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):
             if len(out) >= limit:
@@ -353,11 +372,12 @@ class Buffer:
         if rows:
             self.conn.executemany(
                 "UPDATE outbox SET not_before=?, attempts=attempts+1 WHERE seq=?",
-                [(time.time() + delay, r.seq) for r in rows],
+                [(self.now() + delay, r.seq) for r in rows],
             )
 
     def next_due(self) -> float | None:
-        """When the earliest deferred row becomes due again (None if none is deferred)."""
+        """When (on the buffer's clock, `now()`) the earliest deferred row becomes due again
+        (None if none is deferred)."""
         row = self.conn.execute("SELECT MIN(not_before) FROM outbox WHERE not_before>0").fetchone()
         return row[0] if row and row[0] else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -106,6 +106,17 @@ class Record:
     def __post_init__(self) -> None:
         if self.priority < 0:
             self.priority = PRIORITY.get(self.kind, 0)
+
+
+class Clock(Protocol):
+    """Where time comes from: the `time` module itself, or a test's fake clock.
+
+    `time()` is wall time, for timestamps only (payload `ts`, `since`); `monotonic()` measures
+    durations (delays, timeouts, ages), so an NTP step of the wall clock cannot shorten or
+    stretch them."""
+
+    def time(self) -> float: ...
+    def monotonic(self) -> float: ...
 
 
 def iso_ts(ts: float) -> str:

@@ -67,6 +67,7 @@ class Upstream:
         self.connects = 0
         self.published = 0  # acknowledged with success, since start
         self.refused = 0  # acknowledged with a failure reason code, since start
+        self.response_topics_refused = 0  # command requests whose ResponseTopic was not allowed
         self._wake = asyncio.Event()
         self._stopping = False
         self._final = True
@@ -279,7 +280,7 @@ class Upstream:
             rows: list[Row] = []
             if free >= min(batch, self._window // 4):
                 due = self.buffer.next_due()
-                now = time.time()
+                now = self.buffer.now()  # monotonic: a wall-clock step neither hastens nor delays retries
                 if due is not None and due <= now and now - last_rewind >= 1.0:
                     cursor.clear()  # deferred rows are due again: look behind the cursors once
                     last_rewind, rewound = now, True
@@ -344,15 +345,37 @@ class Upstream:
         reply.update({"gateway": self.gateway_id, "command": name, "ts": iso_ts(time.time())})
         if "id" in request:
             reply["id"] = request["id"]
+        response_topic = self._response_topic(name, props, reply)
         client = self._client
         if client is None:
             return
         body = json.dumps(reply, separators=(",", ":"), default=str)
         client.publish(self.topic(f"cmd/{name}/reply"), body, qos=1)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         if response_topic:
             out = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
             corr = getattr(props, "CorrelationData", None)
             if corr:
                 out.CorrelationData = corr
             client.publish(response_topic, body, qos=1, properties=out)
+
+    def _response_topic(self, name: str, props, reply: dict[str, Any]) -> str | None:
+        """The request's MQTT 5 ResponseTopic, if the gateway may publish there.
+
+        Anyone allowed to send a command could otherwise have the gateway publish wherever it
+        can (a PLC's write topic, its own `alarms/`). Allowed: topics below `{prefix}/cmd/`
+        other than a command topic `{prefix}/cmd/{name}` itself (the gateway would run its own
+        reply as a command). A refused one is logged, counted, and named in the reply, which
+        goes to `cmd/{name}/reply` as always."""
+        topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        if not topic:
+            return None
+        base = self.topic("cmd/")
+        below = topic[len(base):] if topic.startswith(base) else ""
+        if "/" in below and not any(c in topic for c in "+#\0"):
+            return topic
+        self.response_topics_refused += 1
+        reply["response_topic_refused"] = topic
+        log.warning("upstream.response_topic_refused", command=name, response_topic=topic,
+                    reply_topic=self.topic(f"cmd/{name}/reply"),
+                    hint=f"a response topic must be below {base}, e.g. {base}{name}/reply/<client>")
+        return None

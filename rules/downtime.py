@@ -51,7 +51,7 @@ class DowntimeHandler:
         self.since: float | None = None  # sample ts at which `known` began
         self.exact = False  # `since` is the real start of the state, no bad gap since
         self.current: bool | None = None  # None while the input is bad or not yet seen
-        self.segment_start = 0.0  # clock time of the last availability bookkeeping
+        self.segment_start = 0.0  # monotonic time of the last availability bookkeeping
         self.running_s = 0.0
         self.stopped_s = 0.0
 
@@ -86,7 +86,7 @@ class DowntimeHandler:
             self.stopped_s += elapsed
         self.segment_start = now
 
-    def on_sample(self, s: Sample, now: float) -> list[Record]:
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]:
         state = self.classify(s.value) if s.good else None
         self._account(now)
         self.current = state
@@ -112,7 +112,7 @@ class DowntimeHandler:
         self.dirty = True
         return [Record(topic=f"events/{self.name}", payload=payload, ts=s.ts, kind="event")]
 
-    def tick(self, now: float) -> list[Record]:
+    def tick(self, now: float, wall: float) -> list[Record]:
         return []
 
     def state(self) -> dict[str, Any]:

@@ -36,8 +36,16 @@ Bad input (the documented choice): **a companion alarm, never a state change of 
   they start over, because the condition was not seen to hold across such a gap.
 
 Times: ``for``, ``clear_for``, ``after`` and ``bad_input_after`` are measured on the engine's
-clock (when the gateway learned a value), so a device clock that is off cannot shorten them.
-Records carry the sample's own timestamp when a sample caused them, the clock's when a tick did.
+monotonic clock (when the gateway learned a value), so neither a device clock that is off nor an
+NTP step of the gateway's wall clock can shorten or stretch them. Handlers get both: ``now``
+(monotonic, for every duration) and ``wall`` (for timestamps). Records carry the sample's own
+timestamp when a sample caused them, the wall clock's when a tick did. Nothing monotonic is
+persisted: it means nothing after a restart.
+
+Re-publication (reconnect, ``cmd/rebirth``): `RuleEngine.retained` gives the last record of
+every alarm again with ``replay: true``, and a replayed ``raised`` carries ``raised_seq``, the
+seq of the record that raised it, once the buffer has numbered that record (`numbered`). A
+consumer counting raises skips records with ``replay``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway import logs
-from gateway.model import Record, Sample, iso_ts
+from gateway.model import Clock, Record, Sample, iso_ts
 from rules.base import (
     REGISTRY,
     SEVERITY_RANK,
@@ -69,11 +77,12 @@ class Handler(Protocol):
     name: str
     dirty: bool  # its persistent state changed since the last take_state
 
+    # `now` is monotonic (durations), `wall` epoch seconds (timestamps of records)
     def bind(self, now: float, device_tags: dict[str, list[str]]) -> None: ...
     def inputs(self) -> set[str]: ...
     def devices(self) -> set[str]: ...  # whole devices it listens to (stale on `device`)
-    def on_sample(self, s: Sample, now: float) -> list[Record]: ...
-    def tick(self, now: float) -> list[Record]: ...
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]: ...
+    def tick(self, now: float, wall: float) -> list[Record]: ...
     def state(self) -> dict[str, Any]: ...
     def restore(self, state: dict[str, Any]) -> None: ...
     def alarms(self) -> list[Alarm]: ...
@@ -102,8 +111,9 @@ class Alarm:
         self.severity: Severity | None = None  # None: not active
         self.since: float | None = None  # ts at which the published state began
         self.last: Record | None = None
+        self.raised_seq: int | None = None  # buffer seq of the record that raised it (None: not known)
         self.dirty = False
-        self._pending: tuple[str, float] | None = None  # (direction, clock time it began)
+        self._pending: tuple[str, float] | None = None  # (direction, monotonic time it began)
         self._verdict: Verdict | None = None
 
     @property
@@ -115,7 +125,8 @@ class Alarm:
         return self.last.payload["state"] if self.last else None
 
     def offer(self, verdict: Verdict, now: float, ts: float) -> list[Record]:
-        """A fresh judgement of a good value; returns the record of a transition, if any."""
+        """A fresh judgement of a good value (`now` monotonic, `ts` the record's timestamp);
+        returns the record of a transition, if any."""
         self._verdict = verdict
         if verdict.severity == self.severity:
             self._pending = None
@@ -127,9 +138,9 @@ class Alarm:
             self._pending = (direction, now)
         return self._complete(now, ts)
 
-    def tick(self, now: float) -> list[Record]:
+    def tick(self, now: float, wall: float) -> list[Record]:
         """Completes a delayed transition; call only while the input is good."""
-        return self._complete(now, now) if self._pending else []
+        return self._complete(now, wall) if self._pending else []
 
     def forget_pending(self) -> None:
         self._pending = None
@@ -153,6 +164,7 @@ class Alarm:
             payload.update(state="raised", severity=verdict.severity)
             if previous is None:
                 self.since = ts
+                self.raised_seq = None  # a new raise: its seq comes from the buffer (`numbered`)
             else:
                 payload["previous_severity"] = previous
         self.severity = verdict.severity
@@ -165,16 +177,28 @@ class Alarm:
         self.dirty = True
         return self.last
 
+    def numbered(self, record: Record, seq: int) -> bool:
+        """The buffer gave `record` its seq; True when that is this alarm's raise to remember."""
+        raise_record = (record is self.last and record.payload["state"] == "raised"
+                        and "previous_severity" not in record.payload)
+        if raise_record:
+            self.raised_seq = seq
+        return raise_record
+
     def retained(self) -> Record | None:
+        """The last record again, marked as a replay (see the module docstring)."""
         if self.last is None:
             return None
-        return Record(topic=self.last.topic, payload=dict(self.last.payload), ts=self.last.ts,
-                      kind="alarm", retain=True)
+        payload = {**self.last.payload, "replay": True}
+        if payload["state"] == "raised" and self.raised_seq is not None:
+            payload["raised_seq"] = self.raised_seq
+        return Record(topic=self.last.topic, payload=payload, ts=self.last.ts, kind="alarm", retain=True)
 
     def state(self) -> dict[str, Any]:
         return {
             "severity": self.severity,
             "since": self.since,
+            "raised_seq": self.raised_seq,
             "last": {"payload": self.last.payload, "ts": self.last.ts} if self.last else None,
         }
 
@@ -188,8 +212,10 @@ class Alarm:
             record = Record(topic=f"alarms/{self.name}", payload=dict(last["payload"]),
                             ts=float(last["ts"]), kind="alarm", retain=True)
         since = state.get("since")
+        raised_seq = state.get("raised_seq")  # absent in states written before it existed
         self.severity = severity
         self.since = float(since) if since is not None else None
+        self.raised_seq = int(raised_seq) if raised_seq is not None else None
         self.last = record
 
 
@@ -221,7 +247,7 @@ class AlarmHandler:
             self.bad_input = Alarm(f"{cfg.name}.bad_input", input=cfg.input,
                                    static={"type": "bad_input", "parent": cfg.name})
         self.bad_after = cfg.bad_input_delay
-        self.bad_since: float | None = None  # clock time since which no good value
+        self.bad_since: float | None = None  # monotonic time since which no good value
         self.bad_quality = "missing"
         self.last_good_ts: float | None = None
         self.unit: str | None = None
@@ -239,13 +265,13 @@ class AlarmHandler:
     def alarms(self) -> list[Alarm]:
         return [a for a in (self.alarm, self.bad_input) if a is not None]
 
-    def on_sample(self, s: Sample, now: float) -> list[Record]:
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]:
         value = numeric(s.value) if s.good else None
         if value is None:
             if self.bad_since is None:
                 self.bad_since = now
             self.bad_quality = "invalid" if s.good else str(s.quality)
-            return self._check_bad(now)
+            return self._check_bad(now, wall)
         out: list[Record] = []
         self.bad_since = None
         self.last_good_ts = s.ts
@@ -260,12 +286,12 @@ class AlarmHandler:
         self._sync_dirty()
         return out
 
-    def tick(self, now: float) -> list[Record]:
-        out = self.alarm.tick(now) if self.bad_since is None else self._check_bad(now)
+    def tick(self, now: float, wall: float) -> list[Record]:
+        out = self.alarm.tick(now, wall) if self.bad_since is None else self._check_bad(now, wall)
         self._sync_dirty()
         return out
 
-    def _check_bad(self, now: float) -> list[Record]:
+    def _check_bad(self, now: float, wall: float) -> list[Record]:
         assert self.bad_since is not None
         if now - self.bad_since < self.bad_after:
             return []
@@ -281,7 +307,7 @@ class AlarmHandler:
             f"{self.name} is held {held}",
             {"quality": self.bad_quality, "last_good": last_good, "held_state": held},
         )
-        out = self.bad_input.offer(verdict, now, now)
+        out = self.bad_input.offer(verdict, now, wall)
         self._sync_dirty()
         return out
 
@@ -331,11 +357,11 @@ class RuleEngine:
     the lifecycle and for what happens on bad input.
     """
 
-    def __init__(self, rules: list[RuleConfig], *, clock: Callable[[], float] = time.time,
+    def __init__(self, rules: list[RuleConfig], *, clock: Clock = time,
                  restored: dict[str, dict] | None = None,
                  device_tags: dict[str, list[str]] | None = None) -> None:
         self._clock = clock
-        now = clock()
+        now = clock.monotonic()
         self._handlers: list[Handler] = []
         names: set[str] = set()
         for config in rules:
@@ -346,6 +372,7 @@ class RuleEngine:
             handler.bind(now, device_tags or {})
             self._handlers.append(handler)
         self._by_name = {h.name: h for h in self._handlers}
+        self._by_topic = {f"alarms/{a.name}": (a, h) for h in self._handlers for a in h.alarms()}
         self._by_input: dict[str, list[Handler]] = {}
         self._by_device: dict[str, list[Handler]] = {}
         for handler in self._handlers:
@@ -384,23 +411,23 @@ class RuleEngine:
             handlers = [*handlers, *(h for h in by_device if h not in handlers)]
         if not handlers:
             return []
-        now = self._clock()
+        now, wall = self._clock.monotonic(), self._clock.time()
         out: list[Record] = []
         for handler in handlers:
-            out += handler.on_sample(s, now)
+            out += handler.on_sample(s, now, wall)
         return out
 
     def tick(self) -> list[Record]:
         """Time-driven transitions: `for` / `clear_for` completion, stale, bad input."""
-        now = self._clock()
+        now, wall = self._clock.monotonic(), self._clock.time()
         out: list[Record] = []
         for alarm, owner in self._removed:
-            out.append(_settle_removed(alarm, now))
+            out.append(_settle_removed(alarm, wall))
             if owner is not None:
                 owner.dirty = True
         self._removed = []
         for handler in self._handlers:
-            out += handler.tick(now)
+            out += handler.tick(now, wall)
         return out
 
     def take_state(self) -> dict[str, dict | None]:
@@ -418,8 +445,19 @@ class RuleEngine:
             self._deleted = set()
         return changed
 
+    def numbered(self, records: list[Record], seqs: list[int]) -> None:
+        """The buffer stored `records` under `seqs`: remember the seq of each raise, for the
+        `raised_seq` of its replays (persisted with the next `take_state`)."""
+        for record, seq in zip(records, seqs):
+            if record.kind != "alarm":
+                continue
+            owner = self._by_topic.get(record.topic)
+            if owner is not None and owner[0].numbered(record, seq):
+                owner[1].dirty = True
+
     def retained(self) -> list[Record]:
-        """The last record of every alarm that has published: for rebirth and reconnects."""
+        """The last record of every alarm that has published, marked `replay`: for rebirth and
+        reconnects."""
         out = []
         for handler in self._handlers:
             for alarm in handler.alarms():
@@ -430,7 +468,7 @@ class RuleEngine:
 
     def summary_fields(self, device: str) -> dict[str, Any]:
         """Extra fields for ``data/{device}`` over the interval since the last call."""
-        now = self._clock()
+        now = self._clock.monotonic()
         fields: dict[str, Any] = {}
         for handler in self._handlers:
             for key, value in handler.summary_fields(device, now).items():
@@ -474,14 +512,14 @@ def _orphans(name: str, state: dict[str, Any], keep: set[str]) -> list[Alarm]:
     return out
 
 
-def _settle_removed(alarm: Alarm, now: float) -> Record:
+def _settle_removed(alarm: Alarm, wall: float) -> Record:
     """A retained `raised` of a deleted rule would stay on the broker forever: clear it."""
     assert alarm.last is not None
     payload = dict(alarm.last.payload)
-    payload.update(state="cleared", since=iso_ts(now), value=None,
+    payload.update(state="cleared", since=iso_ts(wall), value=None,
                    message=f"rule {payload.get('parent', alarm.name)} removed from the configuration")
     payload.pop("previous_severity", None)
-    return Record(topic=f"alarms/{alarm.name}", payload=payload, ts=now, kind="alarm", retain=True)
+    return Record(topic=f"alarms/{alarm.name}", payload=payload, ts=wall, kind="alarm", retain=True)
 
 
 __all__ = ["Alarm", "AlarmHandler", "AlarmRule", "Handler", "RuleEngine", "alarm_factory"]

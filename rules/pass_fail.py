@@ -59,7 +59,7 @@ class PassFailHandler:
     def alarms(self) -> list[Alarm]:
         return []
 
-    def on_sample(self, s: Sample, now: float) -> list[Record]:
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]:
         cfg = self.config
         value = numeric(s.value) if s.good else None
         if value is None:
@@ -89,7 +89,7 @@ class PassFailHandler:
         payload["count"] = self.passed + self.failed
         return [Record(topic=f"events/{cfg.name}", payload=payload, ts=s.ts, kind="event")]
 
-    def tick(self, now: float) -> list[Record]:
+    def tick(self, now: float, wall: float) -> list[Record]:
         return []
 
     def counts(self) -> dict[str, Any]:

@@ -3,10 +3,11 @@
     {name: press1_silent, type: stale, input: press1.temperature, after: 30s, severity: critical}
     {name: press1_down, type: stale, device: press1, after: 30s}
 
-Counted from start-up, so a device that has not answered once since the gateway started is
-stale too. A fresh good value clears it (after `clear_for`, default at once). Bad-quality
-values do not count as fresh: a device that answers with errors is as silent as one that
-does not answer.
+Counted on the monotonic clock from when the last good value arrived (an NTP step of the wall
+clock neither fires nor delays it), and from start-up, so a device that has not answered once
+since the gateway started is stale too. A fresh good value clears it (after `clear_for`,
+default at once). Bad-quality values do not count as fresh: a device that answers with errors
+is as silent as one that does not answer.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class StaleHandler:
         self.dirty = False
         self.alarm = Alarm(config.name, input=config.watched, clear_for=config.clear_for,
                            static={"type": "stale"})
-        self.started = 0.0
-        self.last_good: float | None = None  # clock time
+        self.started = 0.0  # monotonic
+        self.last_good: float | None = None  # monotonic time the last good value arrived
         self.last_good_ts: float | None = None  # the sample's own time, for the payload
         self.tags: list[str] = []
 
@@ -72,7 +73,7 @@ class StaleHandler:
     def alarms(self) -> list[Alarm]:
         return [self.alarm]
 
-    def on_sample(self, s: Sample, now: float) -> list[Record]:
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]:
         if not s.good or s.value is None or s.value != s.value:  # NaN is not a fresh value
             return []
         gap = now - (self.last_good if self.last_good is not None else self.started)
@@ -82,11 +83,11 @@ class StaleHandler:
                           self._extra())
         return self._sync(self.alarm.offer(verdict, now, s.ts))
 
-    def tick(self, now: float) -> list[Record]:
+    def tick(self, now: float, wall: float) -> list[Record]:
         reference = self.last_good if self.last_good is not None else self.started
         age = now - reference
         if age < self.config.after:
-            return self._sync(self.alarm.tick(now))
+            return self._sync(self.alarm.tick(now, wall))
         what = f"device {self.config.device}" if self.config.device else self.config.input
         if self.last_good is None:
             message = f"no good value of {what} since start-up ({age:.1f} s)"
@@ -94,7 +95,7 @@ class StaleHandler:
             message = f"no good value of {what} for {age:.1f} s"
         verdict = Verdict(self.config.severity, round(age, 3), self.config.after, message,
                           self._extra())
-        return self._sync(self.alarm.offer(verdict, now, now))
+        return self._sync(self.alarm.offer(verdict, now, wall))
 
     def _extra(self) -> dict[str, Any]:
         return {"unit": "s",

@@ -7,6 +7,7 @@ import sqlite3
 
 from gateway.buffer import Buffer
 from gateway.model import Record
+from tests.rules.helpers import FakeClock
 
 
 def recs(n: int, kind: str = "data", start: float = 1_700_000_000.0) -> list[Record]:
@@ -61,6 +62,31 @@ def test_refused_rows_are_kept_and_deferred(tmp_path):
     assert b.refused_count() == 1 and b.depth == 3
     assert [r.seq for r in b.fetch({}, 10)] == [2, 3]
     assert b.next_due() > 0
+
+
+def test_refused_retry_waits_monotonic_seconds_whatever_the_wall_clock_does(tmp_path):
+    clock = FakeClock()
+    b = Buffer(tmp_path / "b.db", "gw", clock=clock)
+    b.append(recs(2))
+    first, second = b.fetch({}, 10)
+    b.defer([first], 60)
+    clock.step_wall(3600)  # an NTP step forward does not end the wait
+    clock.advance(59)
+    assert [r.seq for r in b.fetch({}, 10)] == [second.seq]
+    b.defer([second], 60)
+    clock.advance(1)
+    assert [r.seq for r in b.fetch({}, 10)] == [first.seq] and b.next_due() <= b.now()
+    clock.step_wall(-7200)  # a step back does not hold the other one back an hour
+    clock.advance(59)
+    assert [r.seq for r in b.fetch({}, 10)] == [first.seq, second.seq]
+    b.defer([first, second], 60)
+    b.close()
+    # A retry time of an earlier run is not trusted (the wall clock may have been stepped
+    # while the daemon was down): due at once after a restart, and still counted as refused.
+    clock.step_wall(-3600)
+    again = Buffer(tmp_path / "b.db", "gw", clock=clock)
+    assert [r.seq for r in again.fetch({}, 10)] == [first.seq, second.seq]
+    assert again.next_due() is None and again.refused_count() == 2
 
 
 def test_rule_state_written_with_records_atomically(tmp_path):

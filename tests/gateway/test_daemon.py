@@ -147,6 +147,73 @@ def test_status_health_and_commands(tmp_path, mosquitto, collector_factory):
     assert json.loads(retained.messages[-1][1])["state"] == "offline"
 
 
+def test_rebirth_burst_is_merged_and_replays_are_marked(tmp_path, mosquitto, collector_factory):
+    """50 cmd/rebirth at once: one writes the active alarms into the buffer, the others are
+    answered `merged` and served by one more rebirth 5 s later. Every re-published alarm says
+    `replay: true` and points at its raise; the raise itself does not."""
+    from tests.conftest import free_port
+
+    cfg = write_config(tmp_path, mosquitto.port, extra=(
+        # a device nobody answers for: its stale rule and a companion bad_input alarm raise
+        f"devices:\n  - name: press1\n    driver: modbus\n    host: 127.0.0.1\n    port: {free_port()}\n"
+        "    poll_interval: 200ms\n    tags:\n      - {name: temperature, table: holding, address: 0, type: float32}\n"
+        "rules:\n  - {name: press1_down, type: stale, device: press1, after: 1s}\n"
+        "  - {name: hot, type: threshold, input: press1.temperature, above: 80, bad_input_after: 1s}\n"))
+    collector = collector_factory(mosquitto, "edge/gw1/#")
+    alarms = ("edge/gw1/alarms/press1_down", "edge/gw1/alarms/hot.bad_input")
+
+    def published(replay: bool) -> list[tuple[str, dict]]:
+        return [(t, p) for t, p in collector.json("edge/gw1/alarms/") if bool(p.get("replay")) == replay]
+
+    proc = start(cfg, tmp_path)
+    try:
+        assert collector.wait_for(lambda c: {t for t, _ in published(False)} == set(alarms), 20)
+        raises = {t: p for t, p in published(False)}
+        assert all(p["state"] == "raised" and "raised_seq" not in p for p in raises.values())
+        for i in range(50):
+            collector.client.publish("edge/gw1/cmd/rebirth", json.dumps({"id": i}), qos=1)
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/cmd/rebirth/reply")) == 50, 10)
+        replies = [p for _, p in collector.json("edge/gw1/cmd/rebirth/reply")]
+        assert all(r["ok"] is True for r in replies)
+        done = [r for r in replies if not r["merged"]]
+        assert len(done) == 1 and done[0]["alarms"] == 2
+        assert all(0 < r["due_in_s"] <= 5 for r in replies if r["merged"])
+        assert collector.wait_for(lambda c: len(published(True)) >= 2, 5)
+        time.sleep(1.0)
+        assert sorted(t for t, _ in published(True)) == sorted(alarms)  # once, not 50 times
+        assert collector.wait_for(lambda c: len(published(True)) >= 4, 6)  # the merged ones' rebirth
+        time.sleep(1.0)
+        assert len(published(True)) == 4 and len(published(False)) == 2
+        for topic, replay in published(True):
+            original = raises[topic]
+            assert replay["raised_seq"] == original["seq"] and replay["seq"] > original["seq"]
+            assert replay["since"] == original["since"] and replay["state"] == "raised"
+        health = collector.json("edge/gw1/health")[-1][1]
+        assert health["upstream"]["response_topics_refused"] == 0
+    finally:
+        rc, _ = stop(proc)
+    assert rc == 0
+
+
+def test_uptime_is_measured_on_the_monotonic_clock(tmp_path, monkeypatch):
+    import asyncio
+
+    from gateway import app as app_mod, config as config_mod
+    from tests.rules.helpers import FakeClock
+
+    clock = FakeClock()
+    monkeypatch.setattr(app_mod, "time", clock)
+    path = write_config(tmp_path, 1883)
+    app = app_mod.App(config_mod.load(path), str(path))
+    clock.advance(10)
+    clock.step_wall(3600)
+    assert app.uptime() == 10
+    clock.advance(5)
+    clock.step_wall(-7200)
+    pong = asyncio.run(app.command("ping", {}))
+    assert pong["uptime_s"] == 15
+
+
 def test_reloads_under_modbus_polling_then_sigterm_stops_within_bound(tmp_path, mosquitto):
     """Issue recipe: a Modbus device polled every 100 ms, SIGHUP twice, then SIGTERM. Each reload
     must complete and the stop must end the process, whatever the driver was doing."""

@@ -204,6 +204,81 @@ async def test_commands_get_replies(tmp_path, mosquitto, collector_factory):
         await asyncio.wait_for(task, 10)
 
 
+class Requester:
+    """An MQTT 5 client that sees everything on the broker ('#'), with publish properties."""
+
+    def __init__(self, port: int) -> None:
+        self.got: list[tuple[str, dict, bytes | None]] = []  # topic, payload, correlation data
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        subscribed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe("#", qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p=None: loop.call_soon_threadsafe(subscribed.set)
+        self.client.on_message = lambda c, u, m: self.got.append(
+            (m.topic, json.loads(m.payload) if m.payload else {},
+             getattr(m.properties, "CorrelationData", None)))
+        self.subscribed = subscribed
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def request(self, name: str, body: dict, response_topic: str, correlation: bytes | None = None) -> None:
+        props = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        self.client.publish(f"edge/gw1/cmd/{name}", json.dumps(body), qos=1, properties=props)
+
+    def on(self, topic: str) -> list[tuple[str, dict, bytes | None]]:
+        return [m for m in self.got if m[0] == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def test_a_response_topic_is_honoured_only_below_the_gateways_cmd_prefix(tmp_path, mosquitto):
+    from structlog.testing import capture_logs
+
+    async def handler(name, request):
+        return {"ok": True, "pong": True}
+
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    up = make_upstream(buffer, mosquitto.port, on_command=handler)
+    task = asyncio.create_task(up.run())
+    requester = Requester(mosquitto.port)
+    refused = ["plc/line1/setpoint/write", "edge/gw1/alarms/spindle_overtemp",
+               "edge/gw1/cmd/rebirth",  # a command topic: the reply would run as a command
+               "edge/gw1/cmdx/y", "edge/gw2/cmd/ping/reply"]
+    try:
+        await asyncio.wait_for(requester.subscribed.wait(), 10)
+        assert await wait_until(lambda: up.connected, 10)
+        await asyncio.sleep(0.3)  # the gateway's subscription is in place
+        with capture_logs() as logged:
+            for i, topic in enumerate(refused):
+                requester.request("ping", {"id": i}, topic)
+            requester.request("ping", {"id": "mine"}, "edge/gw1/cmd/ping/reply/hmi7", b"corr-42")
+            assert await wait_until(lambda: len(requester.on("edge/gw1/cmd/ping/reply")) == len(refused) + 1
+                                    and requester.on("edge/gw1/cmd/ping/reply/hmi7"), 10)
+            await asyncio.sleep(0.5)  # anything published where it must not be has arrived too
+        for topic in refused:
+            assert requester.on(topic) == [], f"the gateway published to {topic}"
+        assert not [m for m in requester.got if m[0].startswith(("plc/", "edge/gw1/alarms", "edge/gw2"))]
+        replies = {m[1]["id"]: m[1] for m in requester.on("edge/gw1/cmd/ping/reply")}
+        for i, topic in enumerate(refused):
+            assert replies[i]["ok"] is True and replies[i]["response_topic_refused"] == topic
+        assert "response_topic_refused" not in replies["mine"]
+        ((_, mine, correlation),) = requester.on("edge/gw1/cmd/ping/reply/hmi7")
+        assert mine["id"] == "mine" and mine["pong"] is True and correlation == b"corr-42"
+        refusals = [e for e in logged if e["event"] == "upstream.response_topic_refused"]
+        assert sorted(e["response_topic"] for e in refusals) == sorted(refused)
+        assert all(e["log_level"] == "warning" and e["command"] == "ping" for e in refusals)
+        assert up.response_topics_refused == len(refused)
+    finally:
+        requester.close()
+        up.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_username_password_and_mqtt_3_1_1(tmp_path, mosquitto_factory, collector_factory):
     import shutil
     import subprocess

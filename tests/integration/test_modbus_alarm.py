@@ -77,19 +77,23 @@ async def test_restart_mid_alarm_and_rebirth(tmp_path, mosquitto, collector_fact
         async with running_gateway(tmp_path, raw) as app:
             assert await until(lambda: len(collector.json("edge/gw1/data/press1")) >= 3, 10)
             after_restart = alarms()[len(raised):]
-            # a reconnect re-publishes the last state (same since), never a new raise
+            # a reconnect re-publishes the last state (same since), never a new raise: marked as
+            # a replay that points at the raise (its seq kept in the persisted state)
+            assert after_restart and "replay" not in raised[0] and "raised_seq" not in raised[0]
             assert all(a["state"] == "raised" and a["since"] == raised[0]["since"] for a in after_restart)
+            assert all(a["replay"] is True and a["raised_seq"] == raised[0]["seq"] for a in after_restart)
             n = len(alarms())
             collector.client.publish("edge/gw1/cmd/rebirth", "{}", qos=1)
             assert await until(lambda: collector.json("edge/gw1/cmd/rebirth/reply"), 10)
             reply = collector.json("edge/gw1/cmd/rebirth/reply")[0][1]
             assert reply["ok"] is True and reply["alarms"] == 1
             assert await until(lambda: len(alarms()) > n, 10)
-            assert alarms()[-1]["since"] == raised[0]["since"]
+            assert alarms()[-1]["since"] == raised[0]["since"] and alarms()[-1]["replay"] is True
             machine.value = 60.0
             assert await until(lambda: alarms()[-1]["state"] == "cleared", 10)
             assert app.pipeline.rules.health()["alarms_active"] == 0
         assert sum(1 for a in alarms() if a["state"] == "cleared") == 1
+        assert [a["state"] for a in alarms() if not a.get("replay")] == ["raised", "cleared"]
         assert len({a["seq"] for a in alarms()}) == len(alarms())  # each publication is its own record
     finally:
         await sim.stop()

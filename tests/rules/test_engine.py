@@ -6,7 +6,7 @@ import json
 
 import rules
 from gateway.model import Quality, Sample, iso_ts
-from tests.rules.helpers import T0, Bench, FakeClock, configs
+from tests.rules.helpers import T0, Bench, FakeClock, configs, original
 
 MAIN = "alarms/spindle_overtemp"
 BAD = "alarms/spindle_overtemp.bad_input"
@@ -110,11 +110,11 @@ def test_retained_gives_the_last_state_of_every_alarm_that_published():
     b.sample("press1.temperature", 10.0)
     b.sample("t.v", 5)
     (last,) = b.engine.retained()
-    assert last.topic == MAIN and last.payload == b.records[1].payload and last.retain
+    assert last.topic == MAIN and original(last.payload) == b.records[1].payload and last.retain
     last.payload["state"] = "tampered"  # callers get copies
     assert b.engine.retained()[0].payload["state"] == "cleared"
     b.restart()
-    assert [r.payload for r in b.engine.retained()] == [b.records[1].payload]
+    assert [original(r.payload) for r in b.engine.retained()] == [b.records[1].payload]
 
 
 def test_a_removed_rule_clears_its_retained_alarm_then_its_state_is_deleted():
@@ -181,3 +181,32 @@ def test_a_rule_that_changed_type_clears_its_old_alarm():
     b.run(1)
     assert b.states(MAIN) == ["raised", "cleared"]
     assert "alarm" not in b.db["spindle_overtemp"]
+
+
+def test_replays_are_marked_and_point_at_the_raise_a_fresh_raise_is_not():
+    other = {"name": "other", "type": "threshold", "input": "x.y", "above": 1}
+    b = Bench(overtemp(), other)
+    (raised,) = b.sample("press1.temperature", 85.0)
+    assert "replay" not in raised.payload and "raised_seq" not in raised.payload
+    b.restart((overtemp(severity="warning"), other))
+    (changed,) = b.sample("press1.temperature", 86.0)
+    assert changed.payload["previous_severity"] == "critical"  # a severity change is no raise
+    b.sample("x.y", 5.0)
+    b.sample("x.y", 0.0)
+    replays = {r.topic: r.payload for r in b.engine.retained()}
+    assert replays[MAIN]["replay"] is True and replays[MAIN]["severity"] == "warning"
+    assert replays[MAIN]["raised_seq"] == b.seq_of(raised)  # across a restart, through the state
+    assert replays["alarms/other"]["state"] == "cleared" and replays["alarms/other"]["replay"] is True
+    assert "raised_seq" not in replays["alarms/other"]
+    b.sample("press1.temperature", 10.0)
+    (again,) = b.sample("press1.temperature", 90.0)
+    assert "replay" not in again.payload
+    assert b.engine.retained()[0].payload["raised_seq"] == b.seq_of(again)
+
+
+def test_a_raise_whose_seq_was_not_saved_replays_without_raised_seq():
+    b = Bench(overtemp())
+    b.sample("press1.temperature", 85.0)  # state saved; the seq is saved with the next state
+    b.restart(clean=False)  # crash before that
+    (replay,) = b.engine.retained()
+    assert replay.payload["replay"] is True and "raised_seq" not in replay.payload
