@@ -29,7 +29,7 @@ from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, ev
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform
-from gateway.schema import Duration, Name, StrictModel, read_secret
+from gateway.schema import Duration, Name, SecretFile, StrictModel, read_secret
 
 log = logs.get("drivers.opcua")
 
@@ -46,7 +46,7 @@ class OpcUaSecurity(StrictModel):
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     certificate: Path | None = None  # client application certificate, PEM or DER
     private_key: Path | None = None
-    private_key_password_file: Path | None = None
+    private_key_password_file: SecretFile | None = None
     server_certificate: Path | None = None  # pin it; otherwise taken from the server's endpoint list
 
     @model_validator(mode="after")
@@ -103,7 +103,7 @@ class OpcUaConfig(DeviceConfig):
     security: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
     username: str | None = None
     password: str | None = Field(None, repr=False)
-    password_file: Path | None = None
+    password_file: SecretFile | None = None
     application_uri: str | None = None  # default: the URI in the client certificate
     mode: Literal["subscribe", "poll"] = "subscribe"
     poll_interval: Duration = 1.0  # poll mode: read period; subscribe mode: publishing interval

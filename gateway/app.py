@@ -220,6 +220,11 @@ class Pipeline:
 _DRAINED: Any = object()
 
 
+def _log_warnings(cfg: GatewayConfig) -> None:
+    for warning in cfg.warnings:  # the same FILE:LINE lines check-config prints
+        log.warning("config.warning", warning=warning)
+
+
 class App:
     def __init__(self, cfg: GatewayConfig, config_path: str, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
@@ -252,6 +257,7 @@ class App:
                       hint="the previous configuration keeps running")
             self.notifier.ready("reload rejected: configuration invalid, previous one still running")
             return exc.problems
+        _log_warnings(new)
         self._pending = new
         self._reload.set()
         return []
@@ -302,6 +308,7 @@ class App:
                         durability=self.cfg.buffer.durability)
         log.info("gateway.started", gateway=self.cfg.gateway.id, version=__version__, config=self.config_path,
                  buffer=str(buffer.path), backlog=buffer.depth, next_seq=buffer.next_seq)
+        _log_warnings(self.cfg)
         try:
             async with asyncio.TaskGroup() as tg:
                 watchdog = (tg.create_task(self._watchdog(), name="systemd.watchdog")

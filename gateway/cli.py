@@ -14,23 +14,29 @@ from gateway import __version__, logs
 DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"  # kept here so parsing arguments imports nothing heavy
 
 
-def _load(path: str):
+def _load(path: str, *, to_run: bool = False):
+    """The validated configuration, or None after printing every problem. `to_run` adds what
+    only the machine can tell (the state directory is writable): check-config and run agree."""
     from gateway import config
 
     try:
-        return config.load(path)
+        cfg = config.load(path)
+        problems = cfg.problems_at_runtime() if to_run else []
     except config.ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        print(f"{path}: {len(exc.problems)} problem(s); nothing was started", file=sys.stderr)
-        return None
+        problems = exc.problems
+    if not problems:
+        return cfg
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(f"{path}: {len(problems)} problem(s); nothing was started", file=sys.stderr)
+    return None
 
 
 def cmd_run(args) -> int:
     from gateway import statelock
     from gateway.app import App
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, to_run=True)
     if cfg is None:
         return 2
     fmt = cfg.gateway.log_format
@@ -54,7 +60,7 @@ def cmd_run(args) -> int:
 def cmd_check_config(args) -> int:
     from gateway import config
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, to_run=True)
     if cfg is None:
         return 2
     print(config.summary(cfg))

@@ -9,23 +9,37 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 import drivers
 import rules
 from drivers.base import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
-from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, read_secret, tagged_union
+from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
 from rules.base import REGISTRY as RULE_REGISTRY
 
 ENV_PREFIX = "EDGE_GATEWAY__"
 DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass
+class Located:
+    """Merged plain data plus where each dotted path came from."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    lines: dict[Path_, tuple[str, int]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # FILE:LINE lines, like problems, that do not stop a start
+
 
 class GatewaySection(StrictModel):
     id: Name = Field(description="[A-Za-z0-9_-]+, unique per site; in every topic and payload")
@@ -40,14 +54,6 @@ class UpstreamConfig(BrokerConfig):
     health_interval: Duration = Field(10.0, gt=0, description="period of the health topic")
     batch: int = Field(500, ge=1, le=10000, description="rows read from the buffer per query")
     refused_retry: Duration = Field(60.0, gt=0, description="a record the broker refused waits this long before it is tried again")
-
-    @model_validator(mode="after")
-    def _secret_readable(self) -> "UpstreamConfig":
-        if self.password_file is not None:
-            read_secret(self.password_file)
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        return self
 
 
 class BufferConfig(StrictModel):
@@ -80,11 +86,23 @@ class GatewayConfig(BaseSettings):
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
     analyses: list[AnalysisConfig] = Field(default_factory=list)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
-    _files: list[str] = PrivateAttr(default_factory=list)  # the files it was read from
+    _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings
 
     @property
     def files(self) -> list[str]:
-        return list(self._files)
+        return list(self._located.files)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._located.warnings)
+
+    def problems_at_runtime(self) -> list[str]:
+        """What the file cannot show: the state directory must be a directory we can write."""
+        problem = _state_dir_problem(self.gateway.state_dir)
+        if problem is None:
+            return []
+        main = self._located.files[0] if self._located.files else "(config)"
+        return [f"{_origin(self._located, ('gateway', 'state_dir'), main)}: gateway.state_dir: {problem}"]
 
     @classmethod
     def settings_customise_sources(
@@ -129,18 +147,6 @@ class GatewayConfig(BaseSettings):
 
 # ---------------------------------------------------------------------------------------------
 # Loading with line numbers
-
-Path_ = tuple[str | int, ...]
-
-
-@dataclass
-class Located:
-    """Merged plain data plus where each dotted path came from."""
-
-    data: dict[str, Any] = field(default_factory=dict)
-    lines: dict[Path_, tuple[str, int]] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-
 
 class ConfigError(Exception):
     """Every problem found, one `FILE:LINE: dotted.path: message` line each."""
@@ -251,6 +257,8 @@ def load_located(path: str | Path, problems: list[str]) -> Located:
         matches = sorted(glob.glob(full))
         if not matches and not glob.has_magic(pattern):
             problems.append(f"{file}:{line}: include.{i}: no such file: {pattern}")
+        elif not matches:  # an empty conf.d is legitimate; a typo would lose every device in it
+            root.warnings.append(f"{file}:{line}: include.{i}: {pattern} matches no file")
         for match in matches:
             if Path(match).resolve() in seen:
                 continue
@@ -299,6 +307,15 @@ def _where(located: Located, path: Path_, fallback_file: str) -> tuple[str, int]
         if path[:n] in located.lines:
             return located.lines[path[:n]]
     return fallback_file, 1
+
+
+def _origin(located: Located, path: Path_, main: str) -> str:
+    """`$VARIABLE` when the environment set the value (it beats the file), else `FILE:LINE`."""
+    env = _env_var_for(path)
+    if env:
+        return f"${env}"
+    file, line = _where(located, path, main)
+    return f"{file}:{line}"
 
 
 def _env_var_for(path: Path_) -> str | None:
@@ -370,20 +387,40 @@ def load(path: str | Path) -> GatewayConfig:
             p = _clean_loc(located.data, err["loc"])
             if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 p += (str(err.get("ctx", {}).get("discriminator", "type")).strip("'"),)
-            env = _env_var_for(p)
-            if env:  # the environment beats the file, so the value at fault is the variable
-                problems.append(f"${env}: {_dotted(p)}: {_message(err)}")
-            else:
-                file, line = _where(located, p, main)
-                problems.append(f"{file}:{line}: {_dotted(p)}: {_message(err)}")
+            problems.append(f"{_origin(located, p, main)}: {_dotted(p)}: {_message(err)}")
         raise ConfigError(_dedupe(problems)) from None
     for p, msg in _cross_check(cfg):
-        file, line = _where(located, p, main)
-        problems.append(f"{file}:{line}: {_dotted(p)}: {msg}")
+        problems.append(f"{_origin(located, p, main)}: {_dotted(p)}: {msg}")
     if problems:
         raise ConfigError(problems)
-    cfg._files = located.files
+    cfg._located = located
     return cfg
+
+
+def _state_dir_problem(state_dir: Path) -> str | None:
+    """None when `run` can create (if needed) and write the state directory, else why not.
+
+    Permission bits do not tell (root writes through 0555; a read-only mount refuses everyone),
+    so this creates and removes a probe: a file in the directory, or, when the directory does not
+    exist yet, a directory in its nearest existing ancestor. Nothing is left behind."""
+    target = state_dir
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if not target.is_dir():
+        return f"{target} is not a directory" if target == state_dir else f"{state_dir} cannot be created: {target} is not a directory"
+    try:
+        if target == state_dir:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=target)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=target))
+    except OSError as exc:
+        what = "is not writable" if target == state_dir else f"cannot be created in {target}"
+        return f"{state_dir} {what}: {exc.strerror or exc}"
+    return None
 
 
 def _dedupe(lines: list[str]) -> list[str]:
@@ -415,7 +452,7 @@ def summary(cfg: GatewayConfig) -> str:
         lines.append(f"    {r.name:<16} {r.type:<9} on {', '.join(r.inputs())}")
     from gateway.analytics import AnalyticsEngine
 
-    for problem in AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units()).problems():
+    for problem in cfg.warnings + AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units()).problems():
         lines.append(f"  warning: {problem}")
     return "\n".join(lines)
 

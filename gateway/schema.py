@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -69,6 +69,14 @@ def read_secret(path: str | Path | None) -> str | None:
         raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
 
 
+def _readable_secret(path: Path) -> Path:
+    read_secret(path)  # fails at load time, with the line of the *_file key, not at connect time
+    return path
+
+
+SecretFile = Annotated[Path, AfterValidator(_readable_secret)]
+
+
 def tagged_union(models: list[type[BaseModel]], tag: str) -> Any:
     """A pydantic discriminated union over registered models, keyed by the Literal field `tag`.
 
@@ -106,11 +114,17 @@ class BrokerConfig(StrictModel):
     client_id: str | None = Field(None, description="default: the gateway id (upstream) or gateway id + device name")
     username: str | None = None
     password: str | None = Field(None, repr=False, description="prefer password_file or an environment variable")
-    password_file: Path | None = Field(None, description="file holding the password (trailing newline ignored)")
+    password_file: SecretFile | None = Field(None, description="file holding the password (trailing newline ignored); must be readable")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="any file set here turns TLS on; never falls back to plaintext")
     keepalive: Duration = 30.0
     reconnect_min: Duration = Field(0.5, description="first reconnect delay; doubles, with jitter, per failure")
     reconnect_max: Duration = Field(10.0, description="reconnect back-off grows to this at most")
+
+    @model_validator(mode="after")
+    def _one_password(self) -> "BrokerConfig":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
 
     def resolved_password(self) -> str | None:
         return self.password if self.password is not None else read_secret(self.password_file)

@@ -83,3 +83,45 @@ def test_buffer_stats_next_seq_of_a_drained_buffer(tmp_path):
     data = json.loads(stats.stdout)
     assert data["depth"] == 0 and data["next_seq"] == 659
     assert Buffer(tmp_path / "buffer.db", "gw1").next_seq == 659  # what the daemon continues with
+
+
+def test_run_refuses_a_state_dir_it_cannot_write_like_check_config(tmp_path, read_only_dir):
+    (tmp_path / "file").write_text("not a directory")
+    cfg = tmp_path / "gw.yaml"
+    for state_dir in (tmp_path / "file" / "state", read_only_dir):
+        cfg.write_text(f"gateway:\n  id: gw1\n  state_dir: {state_dir}\nupstream:\n  port: {free_port()}\n")
+        checked = run_cli("check-config", "-c", str(cfg))
+        ran = run_cli("run", "-c", str(cfg), timeout=30)
+        assert ran.returncode == checked.returncode == 2
+        assert ran.stderr.splitlines()[0].startswith(f"{cfg}:3: gateway.state_dir: {state_dir}"), ran.stderr
+        assert ran.stderr == checked.stderr and "Traceback" not in ran.stderr
+        assert "gateway.started" not in ran.stderr + ran.stdout
+
+
+def test_run_logs_an_include_that_matches_nothing_at_start_and_reload(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway:\n  id: gw1\n  state_dir: {tmp_path}/state\ninclude: [conf.d/*.yaml]\n"
+                   f"upstream:\n  port: {free_port()}\n  reconnect_max: 1s\n")
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(cfg)], stdout=out, stderr=out)
+    warning = f"{cfg}:4: include.0: conf.d/*.yaml matches no file"
+
+    def warnings() -> list[dict]:
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [e for e in events if e.get("event") == "config.warning"]
+
+    try:
+        deadline = time.monotonic() + 20
+        while not warnings() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert [w["warning"] for w in warnings()] == [warning], log.read_text()
+        proc.send_signal(signal.SIGHUP)  # a reload reads the files again and warns again
+        deadline = time.monotonic() + 20
+        while len(warnings()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w["warning"] for w in warnings()] == [warning, warning]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(10)
+    assert rc == 0 and "Traceback" not in log.read_text()

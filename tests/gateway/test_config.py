@@ -122,7 +122,72 @@ def test_password_file_secret(tmp_path):
     main = write(tmp_path, f"  username: u\n  password_file: {tmp_path}/nope\n")
     with pytest.raises(config.ConfigError) as err:
         config.load(main)
-    assert err.value.problems[0].startswith(f"{main}:4: upstream: cannot read secret file")
+    # the line of the password_file key, not the upstream: line above it
+    assert err.value.problems == [f"{main}:8: upstream.password_file: cannot read secret file {tmp_path}/nope: "
+                                  "No such file or directory"]
+    main = write(tmp_path, f"  password: pw\n  password_file: {secret}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(main)
+    assert err.value.problems == [f"{main}:4: upstream: give password or password_file, not both"]
+
+
+def test_password_file_of_an_mqtt_device_is_checked_at_load(tmp_path):
+    main = write(tmp_path, "devices:\n  - name: m1\n    driver: mqtt\n    password_file: /nonexistent/pw\n"
+                           "    subscriptions: [{topic: a/b, tag: t}]\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(main)
+    assert err.value.problems == [f"{main}:10: devices.0.password_file: cannot read secret file /nonexistent/pw: "
+                                  "No such file or directory"]
+
+
+def test_state_dir_must_be_a_directory_we_can_write(tmp_path, read_only_dir):
+    (tmp_path / "file").write_text("not a directory")
+    cases = [
+        (tmp_path / "file", f"{tmp_path}/file is not a directory"),
+        (tmp_path / "file" / "state", f"{tmp_path}/file/state cannot be created: {tmp_path}/file is not a directory"),
+        (read_only_dir, f"{read_only_dir} is not writable: "),
+        (read_only_dir / "state", f"{read_only_dir}/state cannot be created in {read_only_dir}: "),
+    ]
+    main = tmp_path / "gw.yaml"
+    for state_dir, message in cases:
+        main.write_text(BASE.format(state=state_dir))
+        problems = config.load(main).problems_at_runtime()  # the file itself is valid
+        assert len(problems) == 1 and problems[0].startswith(f"{main}:3: gateway.state_dir: {message}"), problems
+        res = run_cli("check-config", "-c", str(main))
+        assert res.returncode == 2 and problems[0] in res.stderr.splitlines(), res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_state_dir_that_can_be_created_passes_and_is_not_created(tmp_path, monkeypatch):
+    main = tmp_path / "gw.yaml"
+    main.write_text(BASE.format(state=tmp_path / "new" / "state"))
+    res = run_cli("check-config", "-c", str(main))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gw.yaml"]  # the probe is gone, nothing was made
+    main.write_text(BASE.format(state=tmp_path))
+    assert config.load(main).problems_at_runtime() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gw.yaml"]
+    # the environment beats the file, so a bad directory from it names the variable
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("EDGE_GATEWAY__GATEWAY__STATE_DIR", str(tmp_path / "file"))
+    assert config.load(main).problems_at_runtime() == [
+        f"$EDGE_GATEWAY__GATEWAY__STATE_DIR: gateway.state_dir: {tmp_path}/file is not a directory"]
+
+
+def test_include_glob_matching_nothing_is_a_warning_a_missing_file_an_error(tmp_path):
+    main = write(tmp_path, "include: [conf.d/*.yml]\n")
+    cfg = config.load(main)
+    assert cfg.warnings == [f"{main}:7: include.0: conf.d/*.yml matches no file"]
+    res = run_cli("check-config", "-c", str(main))
+    assert res.returncode == 0, res.stderr
+    assert f"  warning: {main}:7: include.0: conf.d/*.yml matches no file" in res.stdout.splitlines()
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.yml").write_text("summaries:\n  interval: 5s\n")
+    assert config.load(main).warnings == []
+    main = write(tmp_path, "include: [conf.d/a.yml, conf.d/b.yml]\n")
+    res = run_cli("check-config", "-c", str(main))
+    assert res.returncode == 2
+    assert res.stderr.splitlines()[0] == f"{main}:7: include.1: no such file: conf.d/b.yml"
 
 
 def test_check_config_cli_exit_codes(tmp_path):
@@ -138,10 +203,12 @@ def test_check_config_cli_exit_codes(tmp_path):
     assert f"{bad}:9: buffer.nope: unknown key" in lines
 
 
-def test_shipped_configs_are_valid():
+def test_shipped_configs_are_valid(tmp_path):
     from tests.conftest import REPO
 
     for name in ("example.yaml", "demo.yaml"):
-        res = run_cli("check-config", "-c", str(REPO / "config" / name))
+        # the state directory is the machine's business: probe one of ours, not /var/lib
+        res = run_cli("check-config", "-c", str(REPO / "config" / name),
+                      env={"EDGE_GATEWAY__GATEWAY__STATE_DIR": str(tmp_path)})
         assert res.returncode == 0, res.stderr
         assert "configuration is valid" in res.stdout
