@@ -9,8 +9,8 @@ The cap covers the database and its WAL: the WAL is checkpointed (TRUNCATE) when
 WAL_FRACTION of the cap, freed pages are reused, and the real page use is checked now and then
 beside the fast sum of row sizes. A full disk (SQLITE_FULL, ENOSPC) is not fatal: a reserve file
 kept beside the database is given up so that a checkpoint can run, rows are evicted by the same
-policy, the write is retried, and `disk_full` stays set until the buffer holds more than it could
-when the disk filled.
+policy, the write is retried, and `disk_full` stays set until the buffer holds what it could not
+when the disk filled and the file system has room for the WAL again.
 """
 
 from __future__ import annotations
@@ -329,10 +329,14 @@ class Buffer:
             self._checkpoint()
         return released or evicted > 0
 
+    def _free_space(self) -> int:
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
     def _probe_disk(self) -> None:
         """While the disk is full: now and then take the reserve back and lift the ceiling. When
         the disk is still full the next write says so (and is handled); else disk_full clears once
-        the buffer holds more than it could when the disk filled."""
+        the buffer holds what it could not when the disk filled, with room left for the WAL."""
         if not self.disk_full or self._limit is None or time.monotonic() - self._probe_at < self.disk_probe_s:
             return
         self._probe_at = time.monotonic()
@@ -462,7 +466,8 @@ class Buffer:
                     self.full = True
                     log.warning("buffer.full", evicted=dict(dropped), max_bytes=self.max_bytes,
                                 hint="the upstream broker has not taken data for long: oldest data is dropped")
-        if self.disk_full and self._limit is None and self._bytes >= min(self._full_at, cap):
+        if self.disk_full and self._limit is None and self._bytes >= min(self._full_at, cap) \
+                and self._free_space() >= self.wal_limit + RESERVE_SLACK:
             self.disk_full = False
             log.info("buffer.disk_ok", path=str(self.path), bytes=self._bytes, file_bytes=self.file_bytes())
         return [r[0] for r in rows]

@@ -189,7 +189,7 @@ def test_readonly_next_seq_matches_the_daemon_for_a_drained_buffer(tmp_path):
 class SmallDisk:
     """A file system of 2 MiB for the buffer. `how` says which stand-in is used: a tmpfs (needs
     root and mount), else an ext4 image on a loop device, else SQLite's max_page_count on an
-    ordinary directory (the database cannot grow, like a full disk; the WAL is not bounded)."""
+    ordinary directory (the database cannot grow past 1 MiB, like a full disk; the WAL is not bounded)."""
 
     def __init__(self, how: str, where, filler=None) -> None:
         self.how, self.where, self.filler = how, where, filler
@@ -198,7 +198,7 @@ class SmallDisk:
         b = Buffer(self.where / "b.db", "gw", **kw)
         if self.how == "max_page_count":
             used = b.conn.execute("PRAGMA page_count").fetchone()[0]
-            b.conn.execute(f"PRAGMA max_page_count={used + 2 * 1024 * 1024 // 4096}")
+            b.conn.execute(f"PRAGMA max_page_count={used + 256}")
         return b
 
     def free_space(self, b: Buffer) -> None:
@@ -223,7 +223,7 @@ def small_disk(tmp_path):
     for how, cmd in zip(("tmpfs", "loop"), tries):
         if os.geteuid() == 0 and subprocess.run(cmd, capture_output=True).returncode == 0:
             filler = mnt / "filler"
-            filler.write_bytes(b"\0" * 512 * 1024)  # freed to model space coming back
+            filler.write_bytes(b"\0" * 768 * 1024)  # freed to model space coming back
             try:
                 yield SmallDisk(how, mnt, filler)
             finally:
@@ -240,7 +240,7 @@ def test_full_disk_evicts_by_policy_keeps_the_newest_and_recovers(small_disk):
     from structlog.testing import capture_logs
 
     print(f"small disk: {small_disk.how}")
-    b = small_disk.buffer(disk_probe_s=0.2)
+    b = small_disk.buffer(max_bytes=2 << 20, disk_probe_s=0.2)  # the disk fills before the cap
     b.append(recs(5, "alarm"))
     b.append(recs(5, "event"))
     with capture_logs() as logged:
