@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 import time
 from typing import Any
 
@@ -66,7 +67,12 @@ class Pipeline:
     def _store(self, records: list[Record]) -> None:
         state = self.rules.take_state()
         if records or state:
-            seqs = self.buffer.append(records, state=state)
+            try:
+                seqs = self.buffer.append(records, state=state)  # a full disk is handled (and counted) in there
+            except (sqlite3.Error, OSError) as exc:  # anything else the file system says: never fatal
+                lost = self.buffer.count_lost(r.kind for r in records)
+                log.error("buffer.append_failed", error=f"{type(exc).__name__}: {exc}", lost=lost)
+                return
             self.rules.numbered(records, seqs)
             self.upstream.wake()
 
@@ -200,6 +206,7 @@ class Pipeline:
                 "oldest_ts": iso_ts(oldest) if oldest else None,
                 "oldest_age_s": round(now - oldest, 3) if oldest else None,
                 "refused": self.buffer.refused_count(),
+                "disk_full": self.buffer.disk_full,
             },
             "dropped": self.buffer.dropped_total,
             "upstream": {

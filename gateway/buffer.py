@@ -4,10 +4,19 @@ One SQLite file in WAL mode. A record gets its `seq` when it is written (seq is 
 persisted, never reused, not even after the file had to be replaced). A row leaves only when
 the broker acknowledged it (`ack`). When `max_bytes` is reached the oldest rows of the lowest
 priority go first (data, then events, alarms last) and every eviction is counted.
+
+The cap covers the database and its WAL: the WAL is checkpointed (TRUNCATE) when it passes
+WAL_FRACTION of the cap, freed pages are reused, and the real page use is checked now and then
+beside the fast sum of row sizes. A full disk (SQLITE_FULL, ENOSPC) is not fatal: a reserve file
+kept beside the database is given up so that a checkpoint can run, rows are evicted by the same
+policy, the write is retried, and `disk_full` stays set until the buffer holds what it could not
+when the disk filled and the file system has room for the WAL again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -28,6 +37,11 @@ log = logs.get("gateway.buffer")
 
 ROW_OVERHEAD = 48  # bytes per row beyond topic and payload (key, index entry, columns), roughly
 SEQ_RESERVE = 100_000  # seq numbers reserved in the side file at a time
+WAL_FRACTION = 8  # the WAL is checkpointed (TRUNCATE) when larger than max_bytes / WAL_FRACTION ...
+WAL_MAX = 1 << 20  # ... or than this
+RESERVE_SLACK = 64 * 1024  # the reserve file holds the WAL limit plus this (room to checkpoint and evict)
+SIZE_CHECK_EVERY = 1.0  # seconds between checks of the real page use against the cap
+FULL_ROUNDS = 8  # evict-and-retry rounds before a write that meets a full disk is given up
 
 
 @dataclass(slots=True)
@@ -42,6 +56,13 @@ class Row:
 
 class BufferError(Exception):
     """The buffer file cannot be used."""
+
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL from SQLite, ENOSPC (or EDQUOT) from a plain file write."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -79,12 +100,22 @@ def encode(gateway_id: str, seq: int, record: Record) -> bytes:
 
 class Buffer:
     def __init__(self, path: str | Path, gateway_id: str, *, max_bytes: int = 1 << 30,
-                 durability: str = "normal", readonly: bool = False, clock: Clock = time) -> None:
+                 durability: str = "normal", readonly: bool = False, clock: Clock = time,
+                 disk_probe_s: float = 10.0) -> None:
         self.path = Path(path)
         self._clock = clock
         self._epoch = (clock.time(), clock.monotonic())  # for `now()`
         self.gateway_id = gateway_id
         self.max_bytes = max_bytes
+        self.wal_limit = min(max_bytes // WAL_FRACTION, WAL_MAX)
+        self.full = False  # evicting at the cap; logged on entering and on leaving
+        self.disk_full = False  # the file system refused a write; logged on entering and on leaving
+        self.disk_probe_s = disk_probe_s  # while the disk is full: how often to try taking more again
+        self._limit: int | None = None  # ceiling on row bytes while the disk is full
+        self._full_at = 0  # row bytes the disk could not hold
+        self._probe_at = 0.0
+        self._row_cap = max_bytes  # row bytes that fit the cap, from the real page use
+        self._episode: Counter[str] = Counter()  # evicted since `full` was entered
         self.durability = durability
         self.dropped: Counter[str] = Counter()  # evictions since start, by kind
         self.appended = 0
@@ -102,6 +133,14 @@ class Buffer:
     @property
     def _seq_file(self) -> Path:
         return self.path.with_name(self.path.name + ".seq")
+
+    @property
+    def _reserve_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    @property
+    def _wal_file(self) -> Path:
+        return Path(str(self.path) + "-wal")
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +178,7 @@ class Buffer:
     def _connect(self, moved_aside: Path | None = None) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -168,6 +208,10 @@ class Buffer:
             self._seq_reserved = max(self._next_seq - 1, self._read_seq_file() or 0)
         self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
         self._dropped_total = int(self._meta("dropped") or 0)
+        self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // self._page_size)}")
+        if not self._make_reserve():
+            self._make_room(OSError(errno.ENOSPC, "no room for the reserve file"), 0)
 
     def _read_seq_file(self) -> int | None:
         """The side file's mark: 0 when there is no file, None when it exists but holds no number."""
@@ -229,6 +273,138 @@ class Buffer:
             raise BufferError("buffer is closed")
         return self._conn
 
+    # ----- disk space -----
+
+    def _make_reserve(self) -> bool:
+        """Set disk space aside (allocated, not sparse): on a full disk, giving it up leaves room to
+        checkpoint the WAL and evict. False when the file system has no room for it."""
+        size = self.wal_limit + RESERVE_SLACK
+        path = self._reserve_file
+        try:
+            if path.exists() and path.stat().st_blocks * 512 >= size:
+                return True
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            return True
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if not _is_full(exc):
+                log.warning("buffer.reserve_failed", path=str(path), error=str(exc))
+            return False
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (not possible on a full disk: skipped)."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+
+    def file_bytes(self) -> int:
+        return sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
+
+    def _make_room(self, exc: BaseException, need: int) -> bool:
+        """A write met a full disk: give up the reserve, checkpoint, evict by policy (when `need`
+        bytes are to be written) and keep row bytes under a lowered ceiling while it lasts.
+        Returns False when nothing could be done, i.e. a retry would fail the same way."""
+        if not self.disk_full:
+            self.disk_full = True
+            log.error("buffer.disk_full", error=str(exc), path=str(self.path), bytes=self._bytes,
+                      file_bytes=self.file_bytes(),
+                      hint="the file system is full: oldest data is evicted, the gateway keeps running")
+        if self._limit is None:  # entering, or a try at taking more failed
+            self._full_at = self._bytes + need
+            self._probe_at = time.monotonic()
+        released = self._reserve_file.exists()
+        self._reserve_file.unlink(missing_ok=True)
+        self._checkpoint()
+        evicted = 0
+        target = max(0, self._bytes - max(need, self._bytes // 20)) if need else self._bytes
+        self._limit = target if self._limit is None else min(self._limit, target)
+        if need:
+            try:
+                evicted = sum(self._evict(target).values())
+            except sqlite3.OperationalError as again:
+                if not _is_full(again):
+                    raise
+            self._checkpoint()
+        return released or evicted > 0
+
+    def _free_space(self) -> int:
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def _probe_disk(self) -> None:
+        """While the disk is full: now and then take the reserve back and lift the ceiling. When
+        the disk is still full the next write says so (and is handled); else disk_full clears once
+        the buffer holds what it could not when the disk filled, with room left for the WAL."""
+        if not self.disk_full or self._limit is None or time.monotonic() - self._probe_at < self.disk_probe_s:
+            return
+        self._probe_at = time.monotonic()
+        if self._make_reserve():
+            self._limit = None
+
+    def _check_size(self) -> None:
+        """The fast path counts row bytes; near the cap, compare the real page use with the part of
+        the cap the WAL leaves to the database, and derive the row bytes that fit."""
+        if self._bytes < self._row_cap // 2:
+            return
+        pages, free = (self.conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count"))
+        budget = self.max_bytes - self.wal_limit
+        used = (pages - free) * self._page_size
+        if used and self._bytes:
+            self._row_cap = min(self.max_bytes, int(budget * self._bytes / used))
+        if pages * self._page_size > budget and free:
+            try:  # a file larger than the budget (e.g. max_bytes was lowered): give pages back
+                with self._transaction() as conn:
+                    conn.execute("PRAGMA incremental_vacuum").fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+
+    def _cap(self) -> int:
+        return self._row_cap if self._limit is None else min(self._row_cap, self._limit)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; on an error ROLLBACK, but only when SQLite has not rolled
+        back by itself already (it does on SQLITE_FULL), so the real error is the one raised."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.error("buffer.rollback_failed", error=str(exc))
+            raise
+        try:
+            wal = self._wal_file.stat().st_size
+        except FileNotFoundError:
+            return
+        if wal > self.wal_limit:
+            self._checkpoint()
+
+    def _write(self, work, need: int = 0) -> bool:
+        """Run work(conn) in a transaction; on a full disk make room and try again. False: given up."""
+        for _ in range(FULL_ROUNDS):
+            try:
+                with self._transaction() as conn:
+                    work(conn)
+                return True
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not _is_full(exc):
+                    raise
+                if not self._make_room(exc, need):
+                    return False
+        return False
+
     def close(self) -> None:
         if self._conn is not None:
             try:
@@ -251,67 +427,89 @@ class Buffer:
             seq += 1
         if not rows and not state:
             return []
-        self._reserve_seq(seq - 1)
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        need = sum(r[7] for r in rows)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            self._reserve_seq(seq - 1)
             if rows:
                 conn.executemany(
                     "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size) VALUES (?,?,?,?,?,?,?,?)",
                     rows,
                 )
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq - 1),))
-            if state:
-                for key, value in state.items():
-                    if value is None:
-                        conn.execute("DELETE FROM state WHERE key=?", (key,))
-                    else:
-                        conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(_finite(value))))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self._next_seq = seq
-        self._bytes += sum(r[7] for r in rows)
+            for key, value in (state or {}).items():
+                if value is None:
+                    conn.execute("DELETE FROM state WHERE key=?", (key,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(_finite(value))))
+
+        self._probe_disk()
+        written = self._write(insert, need)
+        self._next_seq = seq  # a lost batch leaves a gap in seq: how a consumer sees the loss
+        if not written:
+            lost = self.count_lost(r[5] for r in rows)
+            log.error("buffer.write_lost", lost=lost, state_keys=sorted(state or ()),
+                      hint="the disk is full and nothing is left to evict")
+            return []
+        self._bytes += need
         self._depth += len(rows)
         self.appended += len(rows)
-        if self._bytes > self.max_bytes:
-            self._evict()
+        self._check_size()
+        cap = self._cap()
+        if self._bytes > cap:
+            try:
+                dropped = self._evict(int(cap * 0.95))
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                self._make_room(exc, 0)  # evicted by the next append
+                dropped = Counter()
+            if self._limit is None and dropped:
+                self._episode.update(dropped)
+                if not self.full:
+                    self.full = True
+                    log.warning("buffer.full", evicted=dict(dropped), max_bytes=self.max_bytes,
+                                hint="the upstream broker has not taken data for long: oldest data is dropped")
+        if self.disk_full and self._limit is None and self._bytes >= min(self._full_at, cap) \
+                and self._free_space() >= self.wal_limit + RESERVE_SLACK:
+            self.disk_full = False
+            log.info("buffer.disk_ok", path=str(self.path), bytes=self._bytes, file_bytes=self.file_bytes())
         return [r[0] for r in rows]
 
-    def _evict(self) -> None:
-        """Drop oldest rows of the lowest priority until under 95% of max_bytes; count each."""
-        target = int(self.max_bytes * 0.95)
-        conn = self.conn
+    def count_lost(self, kinds: Iterable[str]) -> dict[str, int]:
+        """Records that never made it into the file: counted as dropped (persisted with the next eviction)."""
+        lost = Counter(kinds)
+        self.dropped.update(lost)
+        self._dropped_total += lost.total()
+        return dict(lost)
+
+    def _evict(self, target: int) -> Counter[str]:
+        """Drop oldest rows of the lowest priority until row bytes are at most `target`; count each."""
         dropped: Counter[str] = Counter()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            while self._bytes > target:
+        with self._transaction() as conn:
+            left = self._bytes
+            while left > target:
                 batch = conn.execute(
                     "SELECT seq, size, kind FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
                 ).fetchall()
                 if not batch:
                     break
-                freed, cut = 0, []
+                cut = []
                 for seq, size, kind in batch:
                     cut.append((seq,))
-                    freed += size
+                    left -= size
                     dropped[kind] += 1
-                    if self._bytes - freed <= target:
+                    if left <= target:
                         break
                 conn.executemany("DELETE FROM outbox WHERE seq=?", cut)
-                self._bytes -= freed
-                self._depth -= len(cut)
-            total = sum(dropped.values())
-            self._dropped_total += total
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (str(self._dropped_total),))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            total = self._dropped_total + sum(dropped.values())
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (str(total),))
+        # only now: a transaction that failed (full disk) changed nothing
+        self._bytes = left
+        self._depth -= sum(dropped.values())
+        self._dropped_total = total
         self.dropped.update(dropped)
-        log.warning("buffer.full", evicted=dict(dropped), max_bytes=self.max_bytes,
-                    hint="the upstream broker has not taken data for long: oldest data was dropped")
+        return dropped
 
     # ----- forwarding -----
 
@@ -328,7 +526,8 @@ class Buffer:
         return wall + (self._clock.monotonic() - mono)
 
     def _release_deferred(self) -> None:
-        self.conn.execute("UPDATE outbox SET not_before=0 WHERE not_before>0")
+        if self.conn.execute("SELECT 1 FROM outbox WHERE not_before>0 LIMIT 1").fetchone():
+            self._write(lambda conn: conn.execute("UPDATE outbox SET not_before=0 WHERE not_before>0"))
 
     def fetch(self, after: dict[int, int], limit: int, now: float | None = None) -> list[Row]:
         """Rows due for sending, highest priority first, each priority in seq order after `after[p]`.
@@ -350,15 +549,15 @@ class Buffer:
         """The broker has the rows: delete them."""
         if not rows:
             return
+        deleted = 0
+
+        def delete(conn: sqlite3.Connection) -> None:
+            nonlocal deleted
+            deleted = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
+
+        if not self._write(delete):
+            return  # the disk is full: the rows stay and are sent again (at least once)
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows])
-            deleted = cur.rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         # Rows evicted while in flight are gone already: account only what this call removed.
         if deleted == len(rows):
             self._bytes -= sum(r.size for r in rows)
@@ -366,14 +565,18 @@ class Buffer:
         else:
             self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
         self.acked += deleted
+        if self.full and self._bytes <= int(self._cap() * 0.9):
+            self.full = False
+            log.info("buffer.not_full", evicted=dict(self._episode), bytes=self._bytes, max_bytes=self.max_bytes)
+            self._episode.clear()
 
     def defer(self, rows: list[Row], delay: float) -> None:
         """The broker refused the rows: keep them, try again after `delay` seconds."""
         if rows:
-            self.conn.executemany(
+            self._write(lambda conn: conn.executemany(
                 "UPDATE outbox SET not_before=?, attempts=attempts+1 WHERE seq=?",
                 [(self.now() + delay, r.seq) for r in rows],
-            )
+            ))
 
     def next_due(self) -> float | None:
         """When (on the buffer's clock, `now()`) the earliest deferred row becomes due again
@@ -418,8 +621,8 @@ class Buffer:
             "depth": self._depth,
             "bytes": self._bytes,
             "max_bytes": self.max_bytes,
-            "file_bytes": sum(Path(str(self.path) + s).stat().st_size
-                              for s in ("", "-wal") if Path(str(self.path) + s).exists()),
+            "file_bytes": self.file_bytes(),
+            "disk_full": self.disk_full,
             "oldest_ts": iso_ts(oldest) if oldest else None,
             "oldest_age_s": round(time.time() - oldest, 3) if oldest else None,
             "by_kind": by_kind,

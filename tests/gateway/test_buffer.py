@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
+
+import pytest
 
 from gateway.buffer import Buffer
 from gateway.model import Record
@@ -205,3 +208,142 @@ def test_readonly_next_seq_matches_the_daemon_for_a_drained_buffer(tmp_path):
         (tmp_path / f"b.db{suffix}").unlink(missing_ok=True)
     Buffer(path, "gw").close()  # a new file: schema only, no rows, no meta.last_seq
     assert Buffer(path, "gw", readonly=True).next_seq == Buffer(path, "gw").next_seq == mark + 1
+
+
+# ----- a full disk, the WAL inside the cap, `buffer.full` on transitions only -----
+
+class SmallDisk:
+    """A file system of 2 MiB for the buffer. `how` says which stand-in is used: a tmpfs (needs
+    root and mount), else an ext4 image on a loop device, else SQLite's max_page_count on an
+    ordinary directory (the database cannot grow past 1 MiB, like a full disk; the WAL is not bounded)."""
+
+    def __init__(self, how: str, where, filler=None) -> None:
+        self.how, self.where, self.filler = how, where, filler
+
+    def buffer(self, **kw) -> Buffer:
+        b = Buffer(self.where / "b.db", "gw", **kw)
+        if self.how == "max_page_count":
+            used = b.conn.execute("PRAGMA page_count").fetchone()[0]
+            b.conn.execute(f"PRAGMA max_page_count={used + 256}")
+        return b
+
+    def free_space(self, b: Buffer) -> None:
+        if self.how == "max_page_count":
+            b.conn.execute("PRAGMA max_page_count=1000000")
+        else:
+            self.filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    image = tmp_path / "disk.img"
+    tries = [["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]]
+    if subprocess.run(["truncate", "-s", "2M", str(image)]).returncode == 0 and \
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode == 0:
+        tries.append(["mount", "-o", "loop", str(image), str(mnt)])
+    for how, cmd in zip(("tmpfs", "loop"), tries):
+        if os.geteuid() == 0 and subprocess.run(cmd, capture_output=True).returncode == 0:
+            filler = mnt / "filler"
+            filler.write_bytes(b"\0" * 768 * 1024)  # freed to model space coming back
+            try:
+                yield SmallDisk(how, mnt, filler)
+            finally:
+                subprocess.run(["umount", "-l", str(mnt)], check=True)
+            return
+    yield SmallDisk("max_page_count", mnt)
+
+
+def padded(n: int, start: int = 0) -> list[Record]:
+    return [Record("data/x", {"i": start + i, "pad": "x" * 200}, 1_700_000_000.0 + i) for i in range(n)]
+
+
+def test_full_disk_evicts_by_policy_keeps_the_newest_and_recovers(small_disk):
+    from structlog.testing import capture_logs
+
+    print(f"small disk: {small_disk.how}")
+    b = small_disk.buffer(max_bytes=2 << 20, disk_probe_s=0.2)  # the disk fills before the cap
+    b.append(recs(5, "alarm"))
+    b.append(recs(5, "event"))
+    with capture_logs() as logged:
+        for n in range(500):  # 2 MiB hold far fewer than 500 batches of ~13 KB
+            assert b.append(padded(50, n * 50)), "a batch was lost although old data could be evicted"
+            if b.disk_full:
+                break
+        assert b.disk_full and b.stats()["disk_full"] is True
+        at_full = b.depth
+        t0 = time.monotonic()
+        for n in range(40):  # keeps taking the newest data, evicting the oldest
+            seqs = b.append(padded(50))
+            assert seqs and seqs[-1] == b.next_seq - 1
+            time.sleep(0.01)
+        assert b.disk_full, "the disk is still full"
+        assert time.monotonic() - t0 < 30
+    full = [e for e in logged if e["event"] == "buffer.disk_full"]
+    assert len(full) == 1 and "full" in full[0]["error"], full
+    assert not any("rollback" in str(e) for e in logged), "the real error was masked"
+    assert not [e for e in logged if e["event"] in ("buffer.disk_ok", "buffer.write_lost")]
+    assert b.dropped_total > 0 and b.dropped["data"] == b.dropped_total  # data first
+    kept = b.fetch({}, 100_000)
+    assert sum(r.priority == 2 for r in kept) == 5 and sum(r.priority == 1 for r in kept) == 5
+    data = [r.seq for r in kept if r.priority == 0]
+    assert data[-1] == b.next_seq - 1 and len(data) >= at_full // 2, "the newest records are kept"
+    assert int(b._meta("dropped")) >= b.dropped_total - 50  # persisted, up to the last batch
+
+    small_disk.free_space(b)
+    with capture_logs() as logged:
+        for n in range(300):
+            assert b.append(padded(10))
+            if not b.disk_full:
+                break
+            time.sleep(0.005)
+    assert not b.disk_full and b.depth > at_full, "space is back: new data must be taken again"
+    events = [e["event"] for e in logged if e["event"].startswith("buffer.disk")]
+    assert events == ["buffer.disk_ok"]
+    b.close()
+
+
+def test_database_and_wal_stay_within_max_bytes(tmp_path):
+    cap = 1 << 20
+    b = Buffer(tmp_path / "b.db", "gw", max_bytes=cap)
+    wal = tmp_path / "b.db-wal"
+    checkpoints, largest = 0, 0
+    t0 = time.monotonic()
+    for n in range(600):  # about 8 MB written and half of it acknowledged: a long outage in small
+        b.append(padded(50, n * 50))
+        if n % 3 == 0:
+            b.ack(b.fetch({}, 25))
+        size = b.file_bytes()
+        largest = max(largest, size)
+        # slack: one batch (~13 KB, 4 pages per KB of WAL frames) beyond the WAL limit
+        assert size <= cap + 64 * 1024, f"db + wal = {size} after {n} batches"
+        if wal.exists() and wal.stat().st_size == 0:
+            checkpoints += 1
+        assert time.monotonic() - t0 < 60
+    assert checkpoints > 10, "the WAL must be checkpointed (TRUNCATE) as it passes its limit"
+    assert b.dropped_total > 0 and largest > cap // 2
+    free = b.conn.execute("PRAGMA freelist_count").fetchone()[0]
+    assert free * 4096 < cap // 4, "freed pages must be reused"
+
+
+def test_buffer_full_is_logged_on_the_transitions_only(tmp_path):
+    from structlog.testing import capture_logs
+
+    b = Buffer(tmp_path / "b.db", "gw", max_bytes=256 * 1024)
+    with capture_logs() as logged:
+        for n in range(100):
+            b.append(padded(20, n * 20))
+        assert b.full and b.dropped_total > 100
+        while b.depth:
+            b.ack(b.fetch({}, 200))
+        assert not b.full
+        for n in range(100):
+            b.append(padded(20))
+    events = [e["event"] for e in logged if e["event"] in ("buffer.full", "buffer.not_full")]
+    assert events == ["buffer.full", "buffer.not_full", "buffer.full"]
+    ended = [e for e in logged if e["event"] == "buffer.not_full"][0]
+    assert sum(ended["evicted"].values()) > 100

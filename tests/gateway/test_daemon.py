@@ -293,3 +293,56 @@ def test_second_daemon_on_the_same_state_dir_exits_2(tmp_path):
     finally:
         rc, _ = stop(third)
     assert rc == 0
+
+
+def test_full_disk_keeps_the_daemon_running_and_shows_in_health(tmp_path, mosquitto_factory, collector_factory):
+    """Issue recipe: a 2 MiB tmpfs as state_dir, the broker down, a Modbus device polled every
+    100 ms. The buffer fills the disk; the daemon must go on (not exit 1) and report disk_full.
+    Needs root and a tmpfs mount (the unit tests in test_buffer.py cover the other cases)."""
+    import pytest
+
+    from tests.conftest import free_port, wait_port
+
+    state = tmp_path / "state"
+    state.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    sim_port, broker_port = free_port(), free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "modbus", "--port", str(sim_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
+    try:
+        (state / "filler").write_bytes(b"\0" * 800 * 1024)  # leaves room for the reserve and ~100 KB
+        wait_port(sim_port, 20)
+        cfg = write_config(tmp_path, broker_port, extra=(
+            "summaries:\n  interval: 100ms\n"
+            "devices:\n  - name: press1\n    driver: modbus\n    host: 127.0.0.1\n"
+            f"    port: {sim_port}\n    poll_interval: 100ms\n    tags:\n"
+            "      - {name: temperature, table: holding, address: 0, type: float32}\n"
+            "      - {name: running, table: coil, address: 0, type: bool}\n"))
+        proc = start(cfg, tmp_path)
+        log_path = tmp_path / "daemon.log"
+        deadline = time.monotonic() + 60
+        while "buffer.disk_full" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "buffer.disk_full" in log_path.read_text(), log_path.read_text()[-2000:]
+        time.sleep(3.0)  # polling on, against a full disk
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        broker = mosquitto_factory(port=broker_port)
+        collector = collector_factory(broker, "edge/gw1/health")
+        assert collector.wait_for(lambda c: c.json("edge/gw1/health"), 20), "no health after the broker came up"
+        health = collector.json("edge/gw1/health")[0][1]
+        assert health["buffer"]["disk_full"] is True
+        assert health["devices"]["press1"]["connected"] is True
+        rc, _ = stop(proc)
+        assert rc == 0
+        log = log_path.read_text()
+        assert "Traceback" not in log and "cannot rollback" not in log and log.count("buffer.disk_full") == 1
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        sim.terminate()
+        sim.wait(5)
+        subprocess.run(["umount", "-l", str(state)])
