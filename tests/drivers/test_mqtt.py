@@ -7,6 +7,7 @@ import base64
 import json
 import math
 import struct
+import time
 
 import numpy as np
 import orjson
@@ -21,6 +22,7 @@ from drivers import base
 from drivers.mqtt import (Block, MqttConfig, MqttDriver, MqttSubscription, PayloadError, decode_payload,
                           parse_timestamp)
 from drivers.sim import vibration
+from gateway.analytics.window import WindowAssembler
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Waveform
 
@@ -249,6 +251,101 @@ async def test_vibration_simulator_end_to_end(mosquitto, run_driver):
     assert np.all(np.abs(gaps - block / 12000) < 0.15)  # blocks are contiguous in time
     peak = envelope_peak(np.concatenate([w.samples for w in waves]), 12000)
     assert abs(peak - 29.93 * vibration.BearingOrders().bpfo) < 1.0
+
+
+WAVE = {"topic": "sensors/m1/wave", "tag": "accel", "format": "json", "values_path": "data",
+        "values_encoding": "array", "sample_rate_path": "fs", "ts_path": "ts", "seq_path": "seq", "unit": "g"}
+
+
+@pytest.mark.parametrize(("label", "seqs"), [("skipped", [0, 1, 2, 3, 5, 6, 7, 8]),
+                                             ("repeated", [0, 1, 2, 3, 3, 4, 5, 6])])
+async def test_a_seq_gap_restarts_once_at_that_block(mosquitto, publisher, run_driver, label, seqs):
+    driver = make_driver(mosquitto, [{**WAVE, "ts_path": None}])
+    run = run_driver(driver)
+    await started(run, driver)
+    for seq in seqs:
+        publisher.send("sensors/m1/wave", orjson.dumps({"fs": 1000, "seq": seq, "data": [seq] * 250}))
+    assert await run.wait_for(lambda r: len(r.waveforms()) == len(seqs))
+    waves = run.waveforms("motor1.accel")
+    assert [w.restart for w in waves] == [None] * 4 + ["seq gap"] + [None] * 3
+    assert [w.samples[0] for w in waves] == seqs
+    assembler = WindowAssembler(500)
+    windows = [win for w in waves for win in assembler.push(w.samples, w.ts, w.sample_rate, w.quality, w.restart)]
+    assert dict(assembler.restarts) == {"seq gap": 1} and assembler.dropped_samples == 0
+    assert len(windows) == 4 and assembler.pending == 0
+
+
+async def test_a_deeply_nested_message_loses_nothing_behind_it(mosquitto, publisher, run_driver):
+    """Issue 11: one hostile message is one bad value; the session and the queue behind it live on."""
+    driver = make_driver(mosquitto, [SUBS[4], WAVE])
+    run = run_driver(driver)
+    await started(run, driver)
+    publisher.send("sensors/m1/temp", "[" * 100_000 + "]" * 100_000)
+    publisher.send("sensors/m1/wave", "[" * 100_000 + "]" * 100_000)
+    for i in range(200):
+        publisher.client.publish("sensors/m1/temp", json.dumps({"value": i, "ts": 1_700_000_000 + i}), qos=1)
+    assert await run.wait_for(lambda r: len(r.samples()) == 200, timeout=15)
+    assert [s.value for s in run.samples("motor1.temp")] == list(range(200))
+    assert driver.health.bad_values == 2 and driver.health.errors == 0 and driver.health.connected
+    assert driver.health.extra["dropped"] == 0
+
+
+async def test_messages_queued_when_a_session_ends_are_counted(mosquitto, publisher):
+    driver = make_driver(mosquitto, [SUBS[6]])
+    driver.config.queue_size = 5
+    held = asyncio.Event()
+
+    async def stuck_emit(item):  # the gateway stops taking: the first message stays in hand
+        held.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(driver.run(stuck_emit))
+    try:
+        for _ in range(200):
+            if driver.health.connected:
+                break
+            await asyncio.sleep(0.05)
+        for i in range(7):  # 1 in hand, 5 queued, 1 waiting for room in the paho thread
+            publisher.send("sensors/motor1/speed", str(i))
+        await asyncio.wait_for(held.wait(), 5)
+        await asyncio.sleep(0.5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert driver.health.extra["dropped"] == 6
+
+
+@pytest.mark.parametrize("mode", ["burst", "json"])
+async def test_vibration_simulator_modes(mosquitto, run_driver, mode):
+    """burst: blocks held back and pushed every 0.4 s; json: self-describing blocks. Either way
+    the stream continues, block after block, with the simulator's sample clock."""
+    fs, block, blocks = 12000, 1200, 8  # 0.1 s blocks
+    wave = {**WAVE, "topic": "sensors/motor1/accel"} if mode == "json" else SUBS[0]
+    driver = make_driver(mosquitto, [wave])
+    run = run_driver(driver)
+    await started(run, driver)
+    before = time.time()
+    sent = await asyncio.wait_for(vibration.serve(host=mosquitto.host, port=mosquitto.port, block=block,
+                                                  blocks=blocks, temp_topic=None, qos=1, seed=3, mode=mode,
+                                                  burst_s=0.4, sample_rate=fs), timeout=10)
+    assert sent == blocks
+    assert await run.wait_for(lambda r: len(r.waveforms()) == blocks)
+    waves = run.waveforms("motor1.accel")
+    assert all(w.restart is None and w.samples.size == block and w.sample_rate == fs for w in waves)
+    np.testing.assert_allclose(np.diff([w.ts for w in waves]), block / fs, atol=1e-6)
+    if mode == "json":  # the sensor's time: from the start of the run, one block after another
+        assert before <= waves[0].ts <= before + 1.0
+    else:  # pushed in two bursts of 4, 0.4 s apart
+        assert waves[0].ts == pytest.approx(before + 0.3, abs=0.2)
+    assert driver.health.bad_values == 0
+
+
+def test_simulate_cli_options():
+    from gateway.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "vibration", "--mode", "burst", "--burst-every", "5",
+                                      "--block", "2048"])
+    assert (args.sim_mode, args.sim_burst_s, args.sim_block) == ("burst", 5.0, 2048)
 
 
 # ---------------------------------------------------------------------------------------------
