@@ -152,6 +152,7 @@ async def serve(host: str = "127.0.0.1", port: int = 1883, topic: str = "sensors
     duration = block / sample_rate
     per_burst = max(1, round(burst_s / duration))  # blocks per burst
     sent = 0
+    last = None
     try:
         if ready is not None:
             ready.set()
@@ -164,11 +165,13 @@ async def serve(host: str = "127.0.0.1", port: int = 1883, topic: str = "sensors
             data = make_signal(sample_rate, block, t0, shaft_hz, fault=fault, severity=grown if fault else 0.0,
                                noise_g=noise_g, rng=rng)
             payload = json_block(data, t0, sample_rate, sent) if mode == "json" else data.astype("<f4").tobytes()
-            client.publish(topic, payload, qos=qos)
+            last = client.publish(topic, payload, qos=qos)
             if temp_topic:
                 temp = 55.0 + 15.0 * (grown if fault else 0.0) + rng.normal(0.0, 0.1)
-                client.publish(temp_topic, f'{{"value": {temp:.2f}, "ts": {t0:.3f}}}', qos=qos)
+                last = client.publish(temp_topic, f'{{"value": {temp:.2f}, "ts": {t0:.3f}}}', qos=qos)
             sent += 1
+        if last is not None:  # out of paho's queue before the connection goes
+            await asyncio.to_thread(last.wait_for_publish, 10)
     finally:
         client.disconnect()
         await asyncio.to_thread(client.loop_stop)
