@@ -457,16 +457,11 @@ class MqttDriver:
             except asyncio.TimeoutError:
                 raise DeviceDisconnected("no CONNACK/SUBACK from broker") from None
             self.health.ok()
-            try:
-                async with contextlib.aclosing(until_lost(queue, lost, "broker connection lost")) as messages:
-                    async for topic, payload, received in messages:
-                        self.health.ok(now=received)
-                        await self.handle(topic, payload, received, emit)
-            except DeviceDisconnected:
-                # What arrived before the link went is good: hand it on, then reconnect.
-                while not queue.empty():
-                    await self.handle(*queue.get_nowait(), emit)
-                raise
+            # until_lost hands on what is queued before it reports the lost connection.
+            async with contextlib.aclosing(until_lost(queue, lost, "broker connection lost")) as messages:
+                async for topic, payload, received in messages:
+                    self.health.ok(now=received)
+                    await self.handle(topic, payload, received, emit)
         finally:
             closing = True
             self._drop_queued(queue)

@@ -315,6 +315,37 @@ async def test_messages_queued_when_a_session_ends_are_counted(mosquitto, publis
     assert driver.health.extra["dropped"] == 6
 
 
+async def test_messages_received_before_a_connection_loss_are_handled(mosquitto, publisher):
+    driver = make_driver(mosquitto, [SUBS[6]])
+    got: list[float] = []
+
+    async def slow_emit(item):  # the gateway takes 50 ms a message: the queue fills up
+        await asyncio.sleep(0.05)
+        got.append(item.value)
+
+    task = asyncio.create_task(driver.run(slow_emit))
+    try:
+        for _ in range(200):
+            if driver.health.connected:
+                break
+            await asyncio.sleep(0.05)
+        for i in range(20):
+            publisher.send("sensors/motor1/speed", str(i))
+        await asyncio.sleep(0.2)
+        publisher.close()
+        mosquitto.stop()  # while most of the 20 wait in the queue
+        for _ in range(100):
+            if len(got) == 20 and driver.health.errors:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        publisher.close = lambda: None  # the fixture's close: already done
+    assert got == list(range(20)) and driver.health.errors >= 1
+    assert driver.health.extra["dropped"] == 0
+
+
 @pytest.mark.parametrize("mode", ["burst", "json"])
 async def test_vibration_simulator_modes(mosquitto, run_driver, mode):
     """burst: blocks held back and pushed every 0.4 s; json: self-describing blocks. Either way
