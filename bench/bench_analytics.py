@@ -14,6 +14,12 @@ For each window length (4,096 / 16,384 / 65,536 samples) it times, interleaved a
 The windows: 256k samples per size (64 x 4096, 16 x 16384, 4 x 65536).
 Ratios are features throughput / bare 1-D rfft throughput (target at 16,384: >= 0.25).
 Real-time capacity: feature samples/s divided by 25,600 samples/s per channel.
+
+Then the ingest cost: blocks (and samples) per second that the MQTT driver decodes, payload to
+placed block (drivers.mqtt.decode_payload and the sample-clock step), for f32le and for JSON
+blocks of 1,024 samples ({"ts", "fs", "seq", "data": [...]}), beside numpy.frombuffer and
+json.loads + numpy.asarray of the same payloads (target: JSON within 1.5 x the cost of bare
+json.loads + numpy.asarray; orjson.loads + numpy.asarray is shown too).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,7 +40,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _limit import TimeLimit  # noqa: E402  (bench/ is on sys.path as the script folder)
+from drivers.mqtt import MqttConfig, MqttDriver, decode_payload  # noqa: E402
 from gateway.analytics.vibration import FeatureSpec, compute, compute_batch, make_plan  # noqa: E402
+from gateway.health import DeviceHealth  # noqa: E402
 
 FS = 25600.0
 SIZES = (4096, 16384, 65536)
@@ -119,8 +128,69 @@ def main() -> None:
           f"{f2 * 16384 / 1e6:.1f} M samples/s batched ({f2 / r1:.2f} x).")
     print(f"Real-time capacity on one core: {f1 * 16384 / FS:.0f} channels at 25.6 kHz "
           f"({f2 * 16384 / FS:.0f} batched).")
+    print()
+    limit.phase("the MQTT ingest measurements")
+    ingest(args.seconds)
     print(f"(bench took {time.perf_counter() - t_start:.1f} s)")
     limit.done()
+
+
+INGEST_BLOCK = 1024
+INGEST_BLOCKS = 256
+
+
+def ingest(seconds: float) -> None:
+    """MQTT payload -> placed waveform block, beside the bare library calls on the same payloads."""
+    import orjson
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 0.3, (INGEST_BLOCKS, INGEST_BLOCK)).astype(np.float32)
+    raw = [row.astype("<f4").tobytes() for row in x]
+    docs = [json.dumps({"ts": 1_796_205_600.0 + k * INGEST_BLOCK / FS, "fs": FS, "seq": k,
+                        "data": row.tolist()}).encode() for k, row in enumerate(x)]
+    cfg = MqttConfig(name="bench", driver="mqtt", subscriptions=[
+        {"topic": "f32", "tag": "f32", "format": "f32le", "sample_rate": FS},
+        {"topic": "json", "tag": "json", "format": "json", "values_path": "data", "sample_rate_path": "fs",
+         "ts_path": "ts", "seq_path": "seq"}])
+    subs = {s.tag: s for s in cfg.subscriptions}
+
+    def driver_path(tag: str, payloads: list[bytes]):
+        def run():
+            driver = MqttDriver(cfg, DeviceHealth("bench"))  # a fresh stream: no restart inside a run
+            sub, key = subs[tag], (tag, tag)
+            for k, payload in enumerate(payloads):
+                block = decode_payload(sub, payload)
+                driver._place(key, block, 1_796_205_600.0 + (k + 1) * INGEST_BLOCK / FS, sub.jitter)
+        return run
+
+    def frombuffer():
+        for payload in raw:
+            np.frombuffer(payload, dtype="<f4")
+
+    def json_loads():
+        for payload in docs:
+            np.asarray(json.loads(payload)["data"])
+
+    def orjson_loads():
+        for payload in docs:
+            np.asarray(orjson.loads(payload)["data"])
+
+    rates = {name: best_rate(fn, INGEST_BLOCKS, seconds) for name, fn in (
+        ("frombuffer", frombuffer), ("f32le", driver_path("f32", raw)), ("json.loads", json_loads),
+        ("orjson.loads", orjson_loads), ("json", driver_path("json", docs)))}
+    print(f"MQTT ingest, blocks of {INGEST_BLOCK} samples ({len(raw[0])} bytes f32le, "
+          f"{np.mean([len(d) for d in docs]):.0f} bytes JSON):")
+    print(f"{'path':<44} {'blocks/s':>10} {'Msamp/s':>8} {'cost / raw':>10}")
+    rows = [("numpy.frombuffer (raw f32le)", "frombuffer", "frombuffer"),
+            ("driver f32le: decode + sample clock", "f32le", "frombuffer"),
+            ("json.loads + numpy.asarray (raw JSON)", "json.loads", "json.loads"),
+            ("orjson.loads + numpy.asarray", "orjson.loads", "json.loads"),
+            ("driver JSON block: decode + sample clock", "json", "json.loads")]
+    for label, name, ref in rows:
+        r = rates[name]
+        print(f"{label:<44} {r:>10.0f} {r * INGEST_BLOCK / 1e6:>8.1f} {rates[ref] / r:>10.2f}")
+    print(f"JSON blocks: the driver costs {rates['json.loads'] / rates['json']:.2f} x bare json.loads + "
+          f"numpy.asarray (target <= 1.5); f32le: {rates['frombuffer'] / rates['f32le']:.1f} x numpy.frombuffer.")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vibration: bearing fault, outer race (bpfo) or inner race (bpfi)")
     p.add_argument("--severity", dest="sim_severity", type=float, help="vibration: initial fault severity (0..1)")
     p.add_argument("--grow", dest="sim_grow_s", type=float, help="vibration: seconds for the fault to grow to full")
+    p.add_argument("--mode", dest="sim_mode", choices=["stream", "burst", "json"],
+                   help="vibration: f32le blocks in real time (stream, the default), the same held back and pushed "
+                        "in bursts (burst), or self-describing JSON blocks with ts, fs, seq and data (json)")
+    p.add_argument("--burst-every", dest="sim_burst_s", type=float,
+                   help="vibration, burst mode: seconds between bursts (default 10)")
+    p.add_argument("--block", dest="sim_block", type=int, help="vibration: samples per block (default 4096)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulated devices + broker + gateway, live in the terminal")

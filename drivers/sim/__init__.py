@@ -15,7 +15,9 @@ vibration  host="127.0.0.1", port=1883 (an MQTT broker), topic="sensors/motor1/a
            sample_rate=12000.0, block=4096, shaft_hz=29.93, fault="outer" ("inner" or None),
            severity=0.05, grow_s=300.0, max_severity=1.0, noise_g=0.02,
            temp_topic="sensors/motor1/temp" (None: no temperature), qos=0, username=None,
-           password=None, blocks=None (stop after that many), seed=None, ready=asyncio.Event.
+           password=None, blocks=None (stop after that many), seed=None, mode="stream"
+           ("burst": held back and pushed every burst_s=10.0 s; "json": self-describing JSON
+           blocks), ready=asyncio.Event.
 """
 
 from __future__ import annotations

@@ -17,11 +17,14 @@ recovers the defect frequency, as on a real machine. Units: g.
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import orjson
 from scipy.signal import fftconvolve
 
 Fault = Literal["outer", "inner"] | None
@@ -104,20 +107,40 @@ def make_signal(fs: float, n: int, t0: float, shaft_hz: float, *, fault: Fault =
     return signal.astype(np.float32)
 
 
+Mode = Literal["stream", "burst", "json"]
+
+
+def json_block(data: np.ndarray, t0: float, sample_rate: float, seq: int) -> bytes:
+    """A self-describing block: `{"ts": ISO 8601 of the first sample, "fs": Hz, "seq": n, "data":
+    [samples]}`. The time has microseconds: a sensor's time must be finer than a sample period."""
+    ts = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="microseconds")
+    return orjson.dumps({"ts": ts.replace("+00:00", "Z"), "fs": sample_rate, "seq": seq, "data": data},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 async def serve(host: str = "127.0.0.1", port: int = 1883, topic: str = "sensors/motor1/accel",
                 sample_rate: float = 12000.0, block: int = 4096, shaft_hz: float = 29.93, fault: Fault = "outer",
                 severity: float = 0.05, grow_s: float = 300.0, max_severity: float = 1.0,
                 noise_g: float = 0.02, temp_topic: str | None = "sensors/motor1/temp", qos: int = 0,
                 username: str | None = None, password: str | None = None, blocks: int | None = None,
-                seed: int | None = None, ready: asyncio.Event | None = None) -> int:
-    """Publish f32le blocks of `block` samples in real time until cancelled (or `blocks` sent).
+                seed: int | None = None, mode: Mode = "stream", burst_s: float = 10.0,
+                ready: asyncio.Event | None = None) -> int:
+    """Publish blocks of `block` samples until cancelled (or `blocks` sent). Returns the number sent.
 
+    `mode`: "stream", f32le blocks in real time, each once it is complete; "burst", the same
+    blocks held back and pushed as fast as the broker takes them every `burst_s` seconds,
+    rounded to whole blocks (a sensor that buffers: the stream is continuous, and all but the
+    first block of a burst arrive early by the sample clock);
+    "json", real-time self-describing JSON blocks (see `json_block`), for a subscription with
+    `values_path: data, sample_rate_path: fs, ts_path: ts, seq_path: seq`.
     The defect starts at `severity` and grows linearly to `max_severity` over `grow_s` seconds,
     so a demo shows the bearing getting worse. With `temp_topic`, the bearing temperature goes
-    out as JSON `{"value": degC, "ts": epoch}` once per block. Returns the number of blocks sent.
+    out as JSON `{"value": degC, "ts": epoch}` once per block.
     """
     import paho.mqtt.client as mqtt
 
+    if mode not in ("stream", "burst", "json"):
+        raise ValueError(f"unknown mode {mode!r}: stream, burst or json")
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                          client_id=f"vibration-sim-{int(time.time() * 1000) % 100000}", protocol=mqtt.MQTTv311)
     if username:
@@ -126,22 +149,29 @@ async def serve(host: str = "127.0.0.1", port: int = 1883, topic: str = "sensors
     client.loop_start()
     rng = np.random.default_rng(seed)
     started = time.time()
+    duration = block / sample_rate
+    per_burst = max(1, round(burst_s / duration))  # blocks per burst
     sent = 0
+    last = None
     try:
         if ready is not None:
             ready.set()
         while blocks is None or sent < blocks:
-            t0 = started + sent * block / sample_rate
-            # Publish when the block is complete, as a sensor would.
-            await asyncio.sleep(max(0.0, t0 + block / sample_rate - time.time()))
+            t0 = started + sent * duration
+            # A sensor publishes a block once it is complete, or holds it back until the next burst.
+            due = (sent + 1 if mode != "burst" else math.ceil((sent + 1) / per_burst) * per_burst) * duration
+            await asyncio.sleep(max(0.0, started + due - time.time()))
             grown = min(max_severity, severity + (max_severity - severity) * (t0 - started) / max(grow_s, 1e-9))
             data = make_signal(sample_rate, block, t0, shaft_hz, fault=fault, severity=grown if fault else 0.0,
                                noise_g=noise_g, rng=rng)
-            client.publish(topic, data.astype("<f4").tobytes(), qos=qos)
+            payload = json_block(data, t0, sample_rate, sent) if mode == "json" else data.astype("<f4").tobytes()
+            last = client.publish(topic, payload, qos=qos)
             if temp_topic:
                 temp = 55.0 + 15.0 * (grown if fault else 0.0) + rng.normal(0.0, 0.1)
-                client.publish(temp_topic, f'{{"value": {temp:.2f}, "ts": {t0:.3f}}}', qos=qos)
+                last = client.publish(temp_topic, f'{{"value": {temp:.2f}, "ts": {t0:.3f}}}', qos=qos)
             sent += 1
+        if last is not None:  # out of paho's queue before the connection goes
+            await asyncio.to_thread(last.wait_for_publish, 10)
     finally:
         client.disconnect()
         await asyncio.to_thread(client.loop_stop)
