@@ -81,24 +81,25 @@ def envelope_spectra(S: np.ndarray, plan: Plan, workers: int | None = None) -> n
 
 @dataclass(slots=True)
 class _LineGeometry:
-    """Bin indices of the D*H defect lines of one envelope spectrum at one shaft speed, ready
-    to index a row of B bins followed by the +inf column at B."""
+    """Indices of the D*H defect lines of k envelope spectrum rows at one shaft speed, into
+    the rows laid out back to back (row_len each: B bins and the +inf column at B)."""
 
-    lines: int  # D*H
+    lines: int  # k*D*H
     width: int  # search bins per line
-    lo: np.ndarray  # (DH,) first search bin
-    gidx: np.ndarray  # search bins (DH, width), background bins (DH, bwidth), nearest bin (DH,)
-    near_ok: np.ndarray  # (DH*width,) search bin within tolerance + half a bin of the line
-    wrow: np.ndarray  # (DH,) offsets of the rows of near_ok
-    nearest_hz: np.ndarray  # (DH,) frequency of the bin nearest the line
-    pos2: np.ndarray  # (DH, 2) flat positions of the median pair in the sorted background
-    ok: np.ndarray  # the line and a background lie inside the spectrum
-    all_ok: bool
+    lo: np.ndarray  # (kDH,) first search bin, as an index into the rows
+    lo_bin: np.ndarray  # (kDH,) the same as a bin number
+    gidx: np.ndarray  # search bins (kDH, width), background bins (kDH, bwidth), nearest bin (kDH,)
+    near_ok: np.ndarray  # (kDH*width,) search bin within tolerance + half a bin of the line
+    wrow: np.ndarray  # (kDH,) offsets of the rows of near_ok
+    nearest_hz: np.ndarray  # (kDH,) frequency of the bin nearest the line
+    pos2: np.ndarray  # (kDH, 2) flat positions of the median pair in the sorted backgrounds
+    unusable: np.ndarray | None  # (kDH,) NaN where a line or its background lies outside the
+    # spectrum, else 0: added to the results, it blanks those lines (None: all lines usable)
 
 
-def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
+def _line_geometry(plan: Plan, speed: float, k: int, row_len: int) -> _LineGeometry:
     cache = plan.line_cache
-    g = cache.get(speed)
+    g = cache.get((speed, k))
     if g is not None:
         return g
     spec = plan.spec
@@ -127,54 +128,62 @@ def _line_geometry(plan: Plan, speed: float) -> _LineGeometry:
     bvalid = (bidx <= bhi[:, None]) & ((bidx < lo[:, None]) | (bidx > hi[:, None]))
     bidx = np.where(bvalid, bidx, B)  # padded with the +inf column: sorted past the median
     count = bvalid.sum(axis=-1)
-    rows = np.arange(len(target)) * bwidth
+    dh = len(target)
+    rows = np.arange(dh) * bwidth
+    pos2 = np.stack([rows + np.maximum((count - 1) // 2, 0), rows + np.maximum(count // 2, 0)], axis=1)
     ok = inside & (count > 0)
     nearest = np.clip(np.rint(t).astype(np.int64), 1, B - 1)
     # Found = a local maximum at most tolerance + half a bin from the expected frequency (the
     # bin centre is within half a bin of the true line), evaluated for every searchable bin.
     reach = spec.tolerance * target + 0.5 * df
+    near_ok = (np.abs(sidx * df - target[:, None]) <= reach[:, None]).reshape(-1)
+    # k rows back to back: the same lines, offset by row_len per row (by dh*bwidth in the
+    # sorted backgrounds); for k = 1 the offsets are 0.
+    off = np.arange(k)[:, None] * row_len
     g = _LineGeometry(
-        lines=len(target), width=width, lo=lo,
-        gidx=np.concatenate([sidx.reshape(-1), bidx.reshape(-1), nearest]),
-        near_ok=(np.abs(sidx * df - target[:, None]) <= reach[:, None]).reshape(-1),
-        wrow=np.arange(len(target)) * width, nearest_hz=nearest * df,
-        pos2=np.stack([rows + np.maximum((count - 1) // 2, 0), rows + np.maximum(count // 2, 0)], axis=1),
-        ok=ok, all_ok=bool(ok.all()),
+        lines=k * dh, width=width, lo=(lo + off).reshape(-1), lo_bin=np.tile(lo, k),
+        gidx=np.concatenate([(sidx.reshape(-1) + off).reshape(-1), (bidx.reshape(-1) + off).reshape(-1),
+                             (nearest + off).reshape(-1)]),
+        near_ok=np.tile(near_ok, k), wrow=np.arange(k * dh) * width,
+        nearest_hz=np.tile(nearest * df, k),
+        pos2=(pos2 + (np.arange(k) * dh * bwidth)[:, None, None]).reshape(-1, 2),
+        unusable=None if ok.all() else np.tile(np.where(ok, 0.0, np.nan), k),
     )
     if len(cache) > 256:  # speeds from a shaft_tag vary; keep the cache bounded
         cache.clear()
-    cache[speed] = g
+    cache[(speed, k)] = g
     return g
 
 
-def _lines(row: np.ndarray, g: _LineGeometry, df: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Amplitude, frequency and SNR (dB) of each line in one envelope spectrum row (B + 1 with
-    the +inf column); NaN where unknown. One gather for the search, background and nearest
-    bins, one for each maximum and its neighbours."""
+def _lines(flat: np.ndarray, g: _LineGeometry, df: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Amplitude, frequency and SNR (dB), each (k*D*H,), of the lines in k envelope spectrum
+    rows laid out back to back in `flat` (each with its +inf column) that share one speed; NaN
+    where unknown. The cost is the number of NumPy calls, the same for any k: one gather for
+    the search, background and nearest bins, one for each maximum and its neighbours."""
     dh, w = g.lines, g.width
-    G = row[g.gidx]
+    G = flat[g.gidx]
     ns = dh * w
     nbk = G.shape[0] - dh  # the nearest bins come last
     vals = G[:ns].reshape(dh, w)
     jj = vals.argmax(axis=-1)  # padding repeats the last bin: argmax is the first hit
-    j = g.lo + jj
-    t3 = row[j[:, None] + _NEIGHBOURS]  # (DH, 3): left, the maximum, right
+    t3 = flat[(g.lo + jj)[:, None] + _NEIGHBOURS]  # (kDH, 3): left, the maximum, right
     a0 = t3[:, 1]
     # Local maximum: a0 >= left and right <=> a0 is the max of the three (NaN: both false).
     found = t3.max(axis=-1) == a0
     found &= g.near_ok[g.wrow + jj]
     # A line not found reports the level at its nearest bin, so its SNR stays meaningful (low).
     amp = np.where(found, a0, G[nbk:])
-    hz = np.where(found, j * df, g.nearest_hz)
+    hz = np.where(found, (g.lo_bin + jj) * df, g.nearest_hz)
     bvals = G[ns:nbk].reshape(dh, -1)
     bvals.sort(axis=-1)
     med = bvals.reshape(-1)[g.pos2].sum(axis=-1)
     med *= 0.5
     snr = np.log10(amp / med)
     snr *= 20.0
-    if not g.all_ok:  # search window outside the envelope spectrum: unknown, not zero
-        bad = ~g.ok
-        snr[bad] = amp[bad] = hz[bad] = np.nan
+    if g.unusable is not None:  # search window outside the envelope spectrum: unknown, not zero
+        amp += g.unusable
+        hz += g.unusable
+        snr += g.unusable
     return amp, hz, snr
 
 
@@ -190,31 +199,46 @@ def bearing_lines(S: np.ndarray, plan: Plan, shaft_hz: list[float | None],
     the tolerance (+ half a bin) of the expected one: with coarse resolution the +-1 bin
     search would otherwise pick up the flank of a neighbouring line (e.g. 4x shaft speed next
     to BPFO at 4096 samples / 48 kHz). snr_db = 20*log10(line amplitude / median).
+    Rows with the same speed are searched together.
     """
     names = [d for d, _ in plan.spec.orders]
-    H = HARMONICS
-    E = envelope_spectra(S, plan, workers) if plan.env_len else None
-    if E is not None:
-        E[:, -1] = np.inf
     isfinite = math.isfinite
-    out = []
-    for r, v in enumerate(shaft_hz):
-        shaft = None if v is None or not isfinite(v) else float(v)
-        if E is None or not names or shaft is None or shaft <= 0:
-            out.append(BearingLines(shaft, names, [None] * len(names), [None] * len(names),
-                                    [[None] * H for _ in names], None))
-            continue
-        amp, hz, snr = _lines(E[r], _line_geometry(plan, shaft), plan.env_df)
-        snr_l = snr.tolist()
-        snr_d = [snr_l[i:i + H] for i in range(0, len(snr_l), H)]
-        out.append(BearingLines(
-            shaft_hz=shaft, names=names,
-            hz=[x if isfinite(x) else None for x in hz[::H].tolist()],
-            amplitude=[x if isfinite(x) else None for x in amp[::H].tolist()],
-            snr_db=[[x if isfinite(x) else None for x in d] for d in snr_d],
-            dominant=_dominant_row(snr_d, names),
-        ))
+    speeds = [None if v is None or not isfinite(v) else float(v) for v in shaft_hz]
+    out = [BearingLines(v, names, [None] * len(names), [None] * len(names),
+                        [[None] * HARMONICS for _ in names], None) for v in speeds]
+    groups: dict[float, list[int]] = {}
+    for r, v in enumerate(speeds):
+        if v is not None and v > 0:
+            groups.setdefault(v, []).append(r)
+    if not (groups and names and plan.env_len):
+        return out
+    E = envelope_spectra(S, plan, workers)
+    E[:, -1] = np.inf
+    row_len = E.shape[1]
+    per_row = len(names) * HARMONICS
+    for speed, rows in groups.items():
+        flat = (E if len(rows) == len(speeds) else E[rows]).reshape(-1)
+        amp, hz, snr = _lines(flat, _line_geometry(plan, speed, len(rows), row_len), plan.env_df)
+        amp_l, hz_l, snr_l = amp.tolist(), hz.tolist(), snr.tolist()
+        for i, r in enumerate(rows):
+            part = slice(i * per_row, (i + 1) * per_row)
+            out[r] = _bearing(speed, names, amp_l[part], hz_l[part], snr_l[part])
     return out
+
+
+def _bearing(shaft_hz: float, names: list[str], amp: list[float], hz: list[float],
+             snr: list[float]) -> BearingLines:
+    """BearingLines from one row of `_lines` (flat per defect and harmonic, NaN = unknown)."""
+    H = HARMONICS
+    isfinite = math.isfinite
+    per_defect = [snr[i:i + H] for i in range(0, len(snr), H)]
+    return BearingLines(
+        shaft_hz=shaft_hz, names=names,
+        hz=[x if isfinite(x) else None for x in hz[::H]],
+        amplitude=[x if isfinite(x) else None for x in amp[::H]],
+        snr_db=[[x if isfinite(x) else None for x in d] for d in per_defect],
+        dominant=_dominant_row(per_defect, names),
+    )
 
 
 def dominant_defect(snr: np.ndarray, names: list[str]) -> list[str | None]:
