@@ -45,7 +45,7 @@ class BearingLines:
     def to_payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shaft_hz": self.shaft_hz}
         for name, h, a, snr in zip(self.names, self.hz, self.amplitude, self.snr_db):
-            out[name] = {"hz": h, "amplitude": a, "snr_db": snr[0], "harmonics_snr_db": list(snr)}
+            out[name] = {"hz": h, "amplitude": a, "snr_db": snr[0], "harmonics_snr_db": snr}
         out["dominant"] = self.dominant
         return out
 
@@ -204,26 +204,27 @@ def bearing_lines(S: np.ndarray, plan: Plan, shaft_hz: list[float | None],
     names = [d for d, _ in plan.spec.orders]
     isfinite = math.isfinite
     speeds = [None if v is None or not isfinite(v) else float(v) for v in shaft_hz]
-    out = [BearingLines(v, names, [None] * len(names), [None] * len(names),
-                        [[None] * HARMONICS for _ in names], None) for v in speeds]
+    out: list[BearingLines | None] = [None] * len(speeds)
     groups: dict[float, list[int]] = {}
-    for r, v in enumerate(speeds):
-        if v is not None and v > 0:
-            groups.setdefault(v, []).append(r)
-    if not (groups and names and plan.env_len):
-        return out
-    E = envelope_spectra(S, plan, workers)
-    E[:, -1] = np.inf
-    row_len = E.shape[1]
-    per_row = len(names) * HARMONICS
-    for speed, rows in groups.items():
-        flat = (E if len(rows) == len(speeds) else E[rows]).reshape(-1)
-        amp, hz, snr = _lines(flat, _line_geometry(plan, speed, len(rows), row_len), plan.env_df)
-        amp_l, hz_l, snr_l = amp.tolist(), hz.tolist(), snr.tolist()
-        for i, r in enumerate(rows):
-            part = slice(i * per_row, (i + 1) * per_row)
-            out[r] = _bearing(speed, names, amp_l[part], hz_l[part], snr_l[part])
-    return out
+    if names and plan.env_len:
+        for r, v in enumerate(speeds):
+            if v is not None and v > 0:
+                groups.setdefault(v, []).append(r)
+    if groups:
+        E = envelope_spectra(S, plan, workers)
+        E[:, -1] = np.inf
+        per_row = len(names) * HARMONICS
+        for speed, rows in groups.items():
+            flat = (E if len(rows) == len(speeds) else E[rows]).reshape(-1)
+            amp, hz, snr = _lines(flat, _line_geometry(plan, speed, len(rows), E.shape[1]), plan.env_df)
+            amp_l, hz_l, snr_l = amp.tolist(), hz.tolist(), snr.tolist()
+            for i, r in enumerate(rows):
+                part = slice(i * per_row, (i + 1) * per_row)
+                out[r] = _bearing(speed, names, amp_l[part], hz_l[part], snr_l[part])
+    unknown = [None] * len(names)
+    return [b if b is not None else
+            BearingLines(v, names, unknown, unknown, [[None] * HARMONICS for _ in names], None)
+            for b, v in zip(out, speeds)]
 
 
 def _bearing(shaft_hz: float, names: list[str], amp: list[float], hz: list[float],
