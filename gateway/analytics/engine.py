@@ -12,9 +12,7 @@ import numpy as np
 
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.analytics.summary import Summaries
-from gateway.analytics.vibration import (
-    DEFECTS, FeatureSpec, PlanCache, accel_scale, compute_batch,
-)
+from gateway.analytics.vibration import DEFECTS, FeatureSpec, Features, PlanCache, accel_scale, analyse
 from gateway.analytics.window import Window, WindowAssembler
 from gateway import logs
 from gateway.model import NEW_CAPTURE, Quality, Record, Sample, Waveform, iso_ts
@@ -136,7 +134,7 @@ class AnalyticsEngine:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (st, win, unit) in enumerate(done):
             groups[(st.spec_for(unit), len(win.samples), win.sample_rate)].append(i)
-        results: list[dict[str, Any] | None] = [None] * len(done)
+        results: list[Features | None] = [None] * len(done)
         for (spec, n, fs), idx in groups.items():
             plan = self._plans.get(spec, n, fs)
             if plan.problem:
@@ -144,12 +142,12 @@ class AnalyticsEngine:
                     self._runtime_problems.setdefault(done[i][0].cfg.name, plan.problem)
             X = np.stack([done[i][1].samples for i in idx]) if len(idx) > 1 else done[idx[0]][1].samples[None, :]
             speeds = [self._shaft_hz(done[i][0].cfg) for i in idx]
-            for i, feats in zip(idx, compute_batch(X, plan, speeds, self._workers)):
+            for i, feats in zip(idx, analyse(X, plan, speeds, self._workers)):
                 results[i] = feats
         records: list[Record] = []
         samples: list[Sample] = []
         for (st, win, unit), feats in zip(done, results):
-            rec, smp = self._outputs(st.cfg, win, unit, feats or {})
+            rec, smp = self._outputs(st.cfg, win, unit, feats)
             records.append(rec)
             samples.extend(smp)
         return records, samples
@@ -173,7 +171,7 @@ class AnalyticsEngine:
         return self._speeds.get(b.shaft_tag or "")
 
     def _outputs(self, cfg: AnalysisConfig, win: Window, unit: str | None,
-                 feats: dict[str, Any]) -> tuple[Record, list[Sample]]:
+                 feats: Features) -> tuple[Record, list[Sample]]:
         payload: dict[str, Any] = {
             "analysis": cfg.name,
             "input": cfg.input,
@@ -183,22 +181,20 @@ class AnalyticsEngine:
             "sample_rate": float(win.sample_rate),
             "window_start": iso_ts(win.ts),
             "duration_s": len(win.samples) / float(win.sample_rate),
-            **feats,
+            **feats.to_payload(),
         }
         record = Record(topic=f"features/{cfg.name}", payload=payload, ts=win.ts, kind="features")
         units = {"rms": unit, "peak": unit, "peak_to_peak": unit, "velocity_rms": "mm/s"}
-        samples = []
-        for name in (*_TIME_FEATURES, "velocity_rms"):
-            if name in feats:
-                samples.append(self._sample(f"{cfg.name}.{name}", feats[name], win, units.get(name)))
-        bearing = feats.get("bearing")
-        if bearing:
+        samples = [self._sample(f"{cfg.name}.{name}", value, win, units.get(name))
+                   for name, value in feats.scalars()]
+        bearing = feats.bearing
+        if bearing is not None:
             sq = f"{unit}^2" if unit else None
             for d in DEFECTS:
-                line = bearing.get(d)
-                if line is not None:
-                    samples.append(self._sample(f"{cfg.name}.bearing.{d}", line["amplitude"], win, sq))
-                    samples.append(self._sample(f"{cfg.name}.bearing.{d}.snr_db", line["snr_db"], win, "dB"))
+                if d in bearing.names:
+                    i = bearing.names.index(d)
+                    samples.append(self._sample(f"{cfg.name}.bearing.{d}", bearing.amplitude[i], win, sq))
+                    samples.append(self._sample(f"{cfg.name}.bearing.{d}.snr_db", bearing.snr_db[i][0], win, "dB"))
         return record, samples
 
     @staticmethod
