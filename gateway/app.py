@@ -172,7 +172,7 @@ class Pipeline:
             await asyncio.sleep(interval - (time.time() % interval))
             records = self.analytics.flush_summaries(time.time())
             for r in records:
-                extra = self.rules.summary_fields(r.payload.get("device", r.topic.rsplit("/", 1)[-1]))
+                extra = self.rules.take_summary_fields(r.payload.get("device", r.topic.rsplit("/", 1)[-1]))
                 r.payload.update(extra)
             self._store(records)
 

@@ -8,10 +8,15 @@ import json
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from gateway import __version__, logs
 
-DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"  # kept here so parsing arguments imports nothing heavy
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+# The one default main file; here, so that parsing arguments imports nothing heavy.
+DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"
 
 
 def _load(path: str, *, to_run: bool = False):
@@ -57,13 +62,37 @@ def cmd_run(args) -> int:
         os.close(lock_fd)
 
 
-def cmd_check_config(args) -> int:
-    from gateway import config
+def config_summary(cfg: GatewayConfig) -> str:
+    """The one-screen summary `check-config` prints for a valid configuration."""
+    from gateway.analytics import AnalyticsEngine
 
+    lines = [f"gateway {cfg.gateway.id}: configuration is valid"]
+    if cfg.files:
+        lines.append(f"  files     {', '.join(cfg.files)}")
+    lines.append(f"  upstream  mqtt{'s' if cfg.upstream.tls.enabled else ''}://{cfg.upstream.host}:{cfg.upstream.port}"
+                 f" (MQTT {cfg.upstream.protocol}), topics under {cfg.topic_prefix}/")
+    lines.append(f"  buffer    {cfg.buffer_path} (max {cfg.buffer.max_bytes / 2**20:.0f} MiB, {cfg.buffer.durability})")
+    lines.append(f"  devices   {len(cfg.devices)}")
+    for d in cfg.devices:
+        lines.append(f"    {d.name:<16} {d.driver:<7} {len(d.tag_names())} tags: {', '.join(d.tag_names()[:8])}"
+                     + (" ..." if len(d.tag_names()) > 8 else ""))
+    lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
+    lines.append(f"  analyses  {len(cfg.analyses)}")
+    for a in cfg.analyses:
+        lines.append(f"    {a.name:<16} {a.input} window {a.window} -> {cfg.topic_prefix}/features/{a.name}")
+    lines.append(f"  rules     {len(cfg.rules)}")
+    for r in cfg.rules:
+        lines.append(f"    {r.name:<16} {r.type:<9} on {', '.join(r.inputs())}")
+    for problem in cfg.warnings + AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units()).problems():
+        lines.append(f"  warning: {problem}")
+    return "\n".join(lines)
+
+
+def cmd_check_config(args) -> int:
     cfg = _load(args.config, to_run=True)
     if cfg is None:
         return 2
-    print(config.summary(cfg))
+    print(config_summary(cfg))
     return 0
 
 
@@ -126,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", default=os.environ.get("EDGE_GATEWAY_CONFIG") or DEFAULT_CONFIG,
-                       help="main YAML file (default: $EDGE_GATEWAY_CONFIG or /etc/edge-gateway/gateway.yaml)")
+                       help=f"main YAML file (default: $EDGE_GATEWAY_CONFIG or {DEFAULT_CONFIG})")
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
     with_config(p)

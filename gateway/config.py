@@ -26,7 +26,6 @@ from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, 
 from rules.base import REGISTRY as RULE_REGISTRY
 
 ENV_PREFIX = "EDGE_GATEWAY__"
-DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"
 
 Path_ = tuple[str | int, ...]
 
@@ -427,34 +426,4 @@ def _dedupe(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
-def default_path() -> str:
-    return os.environ.get("EDGE_GATEWAY_CONFIG") or DEFAULT_CONFIG
-
-
-def summary(cfg: GatewayConfig) -> str:
-    """The one-screen summary `check-config` prints for a valid configuration."""
-    lines = [f"gateway {cfg.gateway.id}: configuration is valid"]
-    if cfg.files:
-        lines.append(f"  files     {', '.join(cfg.files)}")
-    lines.append(f"  upstream  mqtt{'s' if cfg.upstream.tls.enabled else ''}://{cfg.upstream.host}:{cfg.upstream.port}"
-                 f" (MQTT {cfg.upstream.protocol}), topics under {cfg.topic_prefix}/")
-    lines.append(f"  buffer    {cfg.buffer_path} (max {cfg.buffer.max_bytes / 2**20:.0f} MiB, {cfg.buffer.durability})")
-    lines.append(f"  devices   {len(cfg.devices)}")
-    for d in cfg.devices:
-        lines.append(f"    {d.name:<16} {d.driver:<7} {len(d.tag_names())} tags: {', '.join(d.tag_names()[:8])}"
-                     + (" ..." if len(d.tag_names()) > 8 else ""))
-    lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
-    lines.append(f"  analyses  {len(cfg.analyses)}")
-    for a in cfg.analyses:
-        lines.append(f"    {a.name:<16} {a.input} window {a.window} -> {cfg.topic_prefix}/features/{a.name}")
-    lines.append(f"  rules     {len(cfg.rules)}")
-    for r in cfg.rules:
-        lines.append(f"    {r.name:<16} {r.type:<9} on {', '.join(r.inputs())}")
-    from gateway.analytics import AnalyticsEngine
-
-    for problem in cfg.warnings + AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units()).problems():
-        lines.append(f"  warning: {problem}")
-    return "\n".join(lines)
-
-
-__all__ = ["GatewayConfig", "ConfigError", "load", "summary", "default_path", "drivers", "rules"]
+__all__ = ["GatewayConfig", "ConfigError", "load", "drivers", "rules"]

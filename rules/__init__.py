@@ -1,7 +1,8 @@
 """Alarm and event rules evaluated at the edge. Importing the package registers every rule type.
 
 The core builds the discriminated union of rule configs from `rules.base.REGISTRY` and runs
-them all through one `RuleEngine` (see `rules/engine.py` and `rules/README.md`).
+them all through one `RuleEngine` (`rules/engine.py`); the alarm lifecycle is in
+`rules/alarm.py`, how to write a rule in `rules/README.md`.
 """
 
 from rules import base  # noqa: F401

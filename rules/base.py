@@ -1,20 +1,26 @@
-"""Rule config base and the registry of rule types.
+"""Rule config base, handler base and the registry of rule types.
 
 A rule module defines a config model (a `RuleConfig` subclass whose `type` field is a Literal)
-and a rule class, and calls `register()` at import. `gateway.config` builds the discriminated
-union of rule configs from this registry.
+and a handler (a `Handler` subclass, or an alarm judge wrapped by `rules.alarm.alarm_factory`),
+and calls `register()` at import. `gateway.config` builds the discriminated union of rule
+configs from this registry.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
+from gateway.model import Record, Sample
 from gateway.schema import Duration, Name, StrictModel
+
+if TYPE_CHECKING:
+    from rules.alarm import Alarm
 
 Severity = Literal["info", "warning", "critical"]
 
@@ -28,20 +34,84 @@ class RuleConfig(StrictModel):
         return [self.input]
 
 
+STATE_VERSION = 1  # of the persisted state of every rule
+
+
+class Handler(ABC):
+    """One configured rule as the engine runs it, made by its rule type's factory.
+
+    `now` is the engine's monotonic time (for every duration), `wall` epoch seconds (for the
+    timestamps of records). The defaults are those of a rule that listens to its config's
+    inputs, owns no alarm, has no timer, keeps only its type as state, shows nothing in health
+    and adds nothing to data summaries: a rule type overrides what it does.
+    """
+
+    def __init__(self, config: RuleConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.dirty = False  # its own persistent state changed since the last take_dirty
+
+    def bind(self, now: float, device_tags: dict[str, list[str]]) -> None:
+        """Once, when the engine starts: the start time and the tags of every device."""
+
+    def inputs(self) -> set[str]:
+        return set(self.config.inputs())
+
+    def devices(self) -> set[str]:
+        """Whole devices it listens to (a `stale` rule on `device`)."""
+        return set()
+
+    def alarms(self) -> list[Alarm]:
+        return []
+
+    @abstractmethod
+    def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]: ...
+
+    def tick(self, now: float, wall: float) -> list[Record]:
+        return []
+
+    def state(self) -> dict[str, Any]:
+        """Its persistent state: JSON-safe, written with the records (subclasses add to it)."""
+        return {"v": STATE_VERSION, "type": self.config.type}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Takes back what `state()` returned before a restart."""
+
+    def take_dirty(self) -> bool:
+        """True once after its persistent state changed: its own, or one of its alarms'."""
+        changed = self.dirty
+        for alarm in self.alarms():
+            changed |= alarm.dirty
+            alarm.dirty = False
+        self.dirty = False
+        return changed
+
+    def health(self) -> dict[str, Any] | None:
+        """Its fields in the rule type's health section (see `register`), None for none."""
+        return None
+
+    def take_summary_fields(self, device: str, now: float) -> dict[str, Any]:
+        """Fields for ``data/{device}`` over the interval since the last call; the interval's
+        counters are reset."""
+        return {}
+
+
 @dataclass(frozen=True)
 class RuleType:
     name: str
     config: type[RuleConfig]
-    factory: Callable[[RuleConfig], Any]
+    factory: Callable[[RuleConfig], Handler]
+    health: str | None  # key of its section in the engine's health, listed even when empty
 
 
 REGISTRY: dict[str, RuleType] = {}
 
 
-def register(name: str, config: type[RuleConfig], factory: Callable[[RuleConfig], Any]) -> None:
+def register(name: str, config: type[RuleConfig], factory: Callable[[RuleConfig], Handler], *,
+             health: str | None = None) -> None:
     if name in REGISTRY:
         raise RuntimeError(f"rule type {name!r} registered twice")
-    REGISTRY[name] = RuleType(name, config, factory)
+    REGISTRY[name] = RuleType(name, config, factory, health)
 
 
 # --- Shared by the rule modules -------------------------------------------------------------

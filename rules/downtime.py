@@ -25,8 +25,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from gateway.model import Record, Sample, Scalar, iso_ts
-from rules.base import RuleConfig, register
-from rules.engine import STATE_VERSION, Alarm
+from rules.base import Handler, RuleConfig, register
 
 
 class DowntimeConfig(RuleConfig):
@@ -41,11 +40,11 @@ class DowntimeConfig(RuleConfig):
         return self
 
 
-class DowntimeHandler:
+class DowntimeHandler(Handler):
+    config: DowntimeConfig
+
     def __init__(self, config: DowntimeConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self.dirty = False
+        super().__init__(config)
         self.device, _, self.tag = config.input.partition(".")
         self.known: bool | None = None  # last good state: True running, False stopped
         self.since: float | None = None  # sample ts at which `known` began
@@ -57,15 +56,6 @@ class DowntimeHandler:
 
     def bind(self, now: float, device_tags: dict[str, list[str]]) -> None:
         self.segment_start = now
-
-    def inputs(self) -> set[str]:
-        return {self.config.input}
-
-    def devices(self) -> set[str]:
-        return set()
-
-    def alarms(self) -> list[Alarm]:
-        return []
 
     def classify(self, value: Scalar) -> bool | None:
         if value is None or (isinstance(value, float) and value != value):
@@ -112,12 +102,8 @@ class DowntimeHandler:
         self.dirty = True
         return [Record(topic=f"events/{self.name}", payload=payload, ts=s.ts, kind="event")]
 
-    def tick(self, now: float, wall: float) -> list[Record]:
-        return []
-
     def state(self) -> dict[str, Any]:
-        return {"v": STATE_VERSION, "type": "downtime",
-                "downtime": {"running": self.known, "since": self.since}}
+        return {**super().state(), "downtime": {"running": self.known, "since": self.since}}
 
     def restore(self, state: dict[str, Any]) -> None:
         part = state.get("downtime")
@@ -126,12 +112,11 @@ class DowntimeHandler:
             self.since = float(part["since"])
             self.exact = False  # the gateway was not watching while it was down
 
-    def health(self) -> tuple[str, dict[str, Any]] | None:
+    def health(self) -> dict[str, Any]:
         state = "unknown" if self.current is None else "running" if self.current else "stopped"
-        return "downtime", {"state": state,
-                            "since": iso_ts(self.since) if self.since is not None else None}
+        return {"state": state, "since": iso_ts(self.since) if self.since is not None else None}
 
-    def summary_fields(self, device: str, now: float) -> dict[str, Any]:
+    def take_summary_fields(self, device: str, now: float) -> dict[str, Any]:
         if device != self.device:
             return {}
         self._account(now)
@@ -141,4 +126,4 @@ class DowntimeHandler:
         return {"availability": {self.tag: availability}}
 
 
-register("downtime", DowntimeConfig, DowntimeHandler)
+register("downtime", DowntimeConfig, DowntimeHandler, health="downtime")

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from rules.base import AlarmRuleConfig, Severity, Verdict, fmt, register
-from rules.engine import alarm_factory
+from rules.alarm import alarm_factory
 
 # ISO 10816-3 / 20816-3: boundaries A/B, B/C, C/D in mm/s RMS by machine group and foundation.
 ISO_10816_3: dict[tuple[int, str], tuple[float, float, float]] = {

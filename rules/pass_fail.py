@@ -16,8 +16,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from gateway.model import Record, Sample
-from rules.base import FiniteFloat, RuleConfig, numeric, register
-from rules.engine import STATE_VERSION, Alarm
+from rules.base import FiniteFloat, Handler, RuleConfig, numeric, register
 
 
 class PassFailConfig(RuleConfig):
@@ -37,27 +36,15 @@ class PassFailConfig(RuleConfig):
         return self
 
 
-class PassFailHandler:
+class PassFailHandler(Handler):
+    config: PassFailConfig
+
     def __init__(self, config: PassFailConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self.dirty = False
+        super().__init__(config)
         self.passed = 0
         self.failed = 0
         self.invalid = 0
         self.previous: float | None = None
-
-    def bind(self, now: float, device_tags: dict[str, list[str]]) -> None:
-        pass
-
-    def inputs(self) -> set[str]:
-        return {self.config.input}
-
-    def devices(self) -> set[str]:
-        return set()
-
-    def alarms(self) -> list[Alarm]:
-        return []
 
     def on_sample(self, s: Sample, now: float, wall: float) -> list[Record]:
         cfg = self.config
@@ -89,16 +76,13 @@ class PassFailHandler:
         payload["count"] = self.passed + self.failed
         return [Record(topic=f"events/{cfg.name}", payload=payload, ts=s.ts, kind="event")]
 
-    def tick(self, now: float, wall: float) -> list[Record]:
-        return []
-
     def counts(self) -> dict[str, Any]:
         total = self.passed + self.failed
         return {"pass": self.passed, "fail": self.failed, "invalid": self.invalid,
                 "yield": round(self.passed / total, 6) if total else None}
 
     def state(self) -> dict[str, Any]:
-        return {"v": STATE_VERSION, "type": "pass_fail",
+        return {**super().state(),
                 "counts": {"pass": self.passed, "fail": self.failed, "invalid": self.invalid}}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -107,11 +91,8 @@ class PassFailHandler:
             self.passed, self.failed = int(counts["pass"]), int(counts["fail"])
             self.invalid = int(counts.get("invalid", 0))
 
-    def health(self) -> tuple[str, dict[str, Any]] | None:
-        return "pass_fail", self.counts()
-
-    def summary_fields(self, device: str, now: float) -> dict[str, Any]:
-        return {}
+    def health(self) -> dict[str, Any]:
+        return self.counts()
 
 
-register("pass_fail", PassFailConfig, PassFailHandler)
+register("pass_fail", PassFailConfig, PassFailHandler, health="pass_fail")

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from gateway.schema import Duration
 from rules.base import AlarmRuleConfig, FiniteFloat, Severity, Verdict, fmt, register
-from rules.engine import alarm_factory
+from rules.alarm import alarm_factory
 
 # Bounds memory when an input is much faster than its window (e.g. a feature at 100 Hz).
 MAX_POINTS = 5000

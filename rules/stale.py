@@ -18,8 +18,8 @@ from pydantic import Field, model_validator
 
 from gateway.model import Record, Sample, iso_ts
 from gateway.schema import Duration, Name
-from rules.base import RuleConfig, Severity, Verdict, register
-from rules.engine import STATE_VERSION, Alarm
+from rules.alarm import Alarm
+from rules.base import Handler, RuleConfig, Severity, Verdict, register
 
 
 class StaleConfig(RuleConfig):
@@ -45,11 +45,11 @@ class StaleConfig(RuleConfig):
         return self.input or self.device  # type: ignore[return-value]
 
 
-class StaleHandler:
+class StaleHandler(Handler):
+    config: StaleConfig
+
     def __init__(self, config: StaleConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self.dirty = False
+        super().__init__(config)
         self.alarm = Alarm(config.name, input=config.watched, clear_for=config.clear_for,
                            static={"type": "stale"})
         self.started = 0.0  # monotonic
@@ -81,13 +81,13 @@ class StaleHandler:
         verdict = Verdict(None, round(gap, 3), self.config.after,
                           f"{s.source} delivers good values again after {gap:.1f} s",
                           self._extra())
-        return self._sync(self.alarm.offer(verdict, now, s.ts))
+        return self.alarm.offer(verdict, now, s.ts)
 
     def tick(self, now: float, wall: float) -> list[Record]:
         reference = self.last_good if self.last_good is not None else self.started
         age = now - reference
         if age < self.config.after:
-            return self._sync(self.alarm.tick(now, wall))
+            return self.alarm.tick(now, wall)
         what = f"device {self.config.device}" if self.config.device else self.config.input
         if self.last_good is None:
             message = f"no good value of {what} since start-up ({age:.1f} s)"
@@ -95,30 +95,18 @@ class StaleHandler:
             message = f"no good value of {what} for {age:.1f} s"
         verdict = Verdict(self.config.severity, round(age, 3), self.config.after, message,
                           self._extra())
-        return self._sync(self.alarm.offer(verdict, now, wall))
+        return self.alarm.offer(verdict, now, wall)
 
     def _extra(self) -> dict[str, Any]:
         return {"unit": "s",
                 "last_good": iso_ts(self.last_good_ts) if self.last_good_ts is not None else None}
 
-    def _sync(self, records: list[Record]) -> list[Record]:
-        if self.alarm.dirty:
-            self.alarm.dirty = False
-            self.dirty = True
-        return records
-
     def state(self) -> dict[str, Any]:
-        return {"v": STATE_VERSION, "type": "stale", "alarm": self.alarm.state()}
+        return {**super().state(), "alarm": self.alarm.state()}
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("alarm"):
             self.alarm.restore(state["alarm"])
-
-    def health(self) -> tuple[str, dict[str, Any]] | None:
-        return None
-
-    def summary_fields(self, device: str, now: float) -> dict[str, Any]:
-        return {}
 
 
 register("stale", StaleConfig, StaleHandler)

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from rules.base import AlarmRuleConfig, FiniteFloat, Severity, Verdict, fmt, register
-from rules.engine import alarm_factory
+from rules.alarm import alarm_factory
 
 
 class ThresholdConfig(AlarmRuleConfig):

@@ -63,4 +63,4 @@ def test_availability_is_not_skewed_by_a_step():
     b.sample("press1.running", False)
     b.clock.advance(10)
     b.clock.step_wall(-HOUR)
-    assert b.engine.summary_fields("press1") == {"availability": {"running": pytest.approx(0.5)}}
+    assert b.engine.take_summary_fields("press1") == {"availability": {"running": pytest.approx(0.5)}}

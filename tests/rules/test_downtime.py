@@ -74,15 +74,15 @@ def test_availability_over_each_summary_interval_leaves_out_unknown_time():
     at(b, 40, False)  # 10..40 running
     at(b, 50, True)  # 40..50 stopped
     b.clock.t = T0 + 60
-    assert b.engine.summary_fields("press1") == {"availability": {"running": pytest.approx(40 / 50)}}
+    assert b.engine.take_summary_fields("press1") == {"availability": {"running": pytest.approx(40 / 50)}}
     at(b, 65, None, Quality.BAD)  # 60..65 running, then unknown
     at(b, 70, False)
     b.clock.t = T0 + 80
-    assert b.engine.summary_fields("press1") == {"availability": {"running": pytest.approx(5 / 15)}}
-    assert b.engine.summary_fields("press2") == {"availability": {"running": None}}
-    assert b.engine.summary_fields("press3") == {}
+    assert b.engine.take_summary_fields("press1") == {"availability": {"running": pytest.approx(5 / 15)}}
+    assert b.engine.take_summary_fields("press2") == {"availability": {"running": None}}
+    assert b.engine.take_summary_fields("press3") == {}
     b.clock.t = T0 + 90
-    assert b.engine.summary_fields("press1") == {"availability": {"running": 0.0}}
+    assert b.engine.take_summary_fields("press1") == {"availability": {"running": 0.0}}
 
 
 def test_restart_while_stopped_reports_the_whole_downtime_once():
