@@ -400,7 +400,7 @@ class MqttDriver:
 
     async def _session(self, emit: Emit) -> None:
         cfg = self.config
-        queue: Inbox = asyncio.Queue(maxsize=cfg.queue_size)
+        queue = Inbox(cfg.queue_size)
         session = Session(cfg, cfg.client_id or f"edge-in-{cfg.name}", ready_timeout=max(cfg.timeout, 1.0) * 5,
                           subscriptions=[(s.topic, s.qos) for s in cfg.subscriptions], inbox=queue,
                           put_timeout=max(1.0, cfg.timeout), on_dropped=self._dropped)

@@ -61,7 +61,20 @@ def describe_connect_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-Inbox = asyncio.Queue  # of (paho message, time.time() on arrival)
+class Inbox(asyncio.Queue):
+    """A bounded queue of (paho message, time.time() on arrival), filled by a network thread.
+
+    The thread takes a slot of `room` before it hands a message to the loop, and every `get`
+    gives one back: the thread waits for room without a task on the loop per message."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.room = threading.Semaphore(maxsize)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.room.release()
+        return item
 
 
 class Session:
@@ -70,12 +83,13 @@ class Session:
     `async with Session(...) as session:` connects, waits for CONNACK (and the SUBACK of
     `subscriptions`), and on the way out disconnects, ends the network thread, forgets the
     pending message ids and drops, counting them, the messages left in the inbox. A lost link
-    ends no session by itself: it sets `lost` (with `lost_reason`), and the owner decides.
+    ends no session by itself: it sets `lost` (with `lost_reason`) and calls `on_lost`, and the
+    owner decides.
 
     Threads. paho calls the `on_*` methods on the network thread; they hand everything to the
     event loop with `call_soon_threadsafe`, except messages: these are put into the bounded
     `inbox`, and the network thread waits for room (up to `put_timeout`, then the message is
-    dropped and counted), so a slow consumer slows the broker down (TCP back-pressure) instead
+    dropped and counted); `on_dropped` is called for each dropped message, so a slow consumer slows the broker down (TCP back-pressure) instead
     of growing memory.
 
     Only the network thread writes to the socket. paho's `publish()` from another thread would
@@ -94,7 +108,7 @@ class Session:
     def __init__(self, cfg: BrokerConfig, client_id: str, *, ready_timeout: float,
                  subscriptions: list[tuple[str, int]] | None = None, inbox: Inbox | None = None,
                  put_timeout: float = 1.0, on_acks: Callable[[list[tuple[Any, Any]]], None] | None = None,
-                 on_dropped: Callable[[], None] | None = None) -> None:
+                 on_dropped: Callable[[], None] | None = None, on_lost: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.client = make_client(cfg, client_id)
         self.pending: dict[int, Any] = {}  # message id -> item, until its PUBACK
@@ -102,10 +116,8 @@ class Session:
         self.lost_reason = ""
         self._ready_timeout = ready_timeout
         self._subscriptions = subscriptions or []
-        self._inbox = inbox
-        self._put_timeout = put_timeout
-        self._on_acks = on_acks
-        self._on_dropped = on_dropped
+        self._inbox, self._put_timeout = inbox, put_timeout
+        self._on_acks, self._on_dropped, self._on_lost = on_acks, on_dropped, on_lost  # see the class doc
         self._closing = False
         self._arrived: collections.deque = collections.deque()  # (mid, reason code), filled by the network thread
         self._acks_scheduled = False
@@ -132,7 +144,8 @@ class Session:
         self._network = threading.Thread(target=self._run_network, name=f"mqtt.network.{broker}", daemon=True)
         self._network.start()
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), timeout=self._ready_timeout)
+            async with asyncio.timeout(self._ready_timeout):
+                await self._ready
         except BaseException as exc:
             await self._close()
             if isinstance(exc, TimeoutError):
@@ -208,11 +221,13 @@ class Session:
         if self._closing or self._loop is None:  # the session is ending: nothing will take it
             self._dropped()
             return
-        future = asyncio.run_coroutine_threadsafe(self._inbox.put((msg, time.time())), self._loop)
+        if not self._inbox.room.acquire(timeout=self._put_timeout):
+            self._dropped()  # the consumer is stuck: drop and count
+            return
         try:
-            future.result(timeout=self._put_timeout)
-        except Exception:  # noqa: BLE001 - the loop is closing or stuck: drop and count
-            future.cancel()
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, (msg, time.time()))
+        except RuntimeError:  # the loop is closed
+            self._inbox.room.release()
             self._dropped()
 
     # ----- on the event loop -----
@@ -229,6 +244,8 @@ class Session:
         if not self.lost.is_set():
             self.lost_reason = reason
             self.lost.set()
+            if self._on_lost is not None:
+                self._on_lost()
         self._set_ready(f"connection lost: {reason}")
 
     def _take_acks(self) -> None:

@@ -13,6 +13,7 @@ and logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -56,24 +57,23 @@ class Upstream:
         self.refused = 0  # acknowledged with a failure reason code, since start
         self.response_topics_refused = 0  # command requests whose ResponseTopic was not allowed
         self.commands_dropped = 0  # commands that found the queue full, or still queued when a session ended
-        self._wake = asyncio.Event()
         self._stopping = False
         self._final = True
         self._transitions = Transitions("upstream", broker=f"{cfg.host}:{cfg.port}")
         self._session: Session | None = None  # while connected
-        self._commands: Inbox = asyncio.Queue(COMMAND_QUEUE)
+        self._commands = Inbox(COMMAND_QUEUE)
         self._window = min(max(4 * cfg.max_inflight, 1000), 60_000)  # never near paho's 16-bit mids
-        # Per connection: rows acknowledged or refused and not yet written back to the buffer, and
-        # the pump's wake-up for room in the window.
+        # Per connection: rows acknowledged or refused and not yet written back to the buffer.
         self._acked: list[Row] = []
         self._refused: list[Row] = []
-        self._space = asyncio.Event()
+        # The pump looks again: new rows, a stop, room in the window, the link lost.
+        self._nudge = asyncio.Event()
 
     # ----- API for the app -----
 
     def wake(self) -> None:
         """New rows are in the buffer."""
-        self._wake.set()
+        self._nudge.set()
 
     def topic(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"
@@ -95,7 +95,7 @@ class Upstream:
         `offline` status; a clean DISCONNECT keeps the broker from sending the will either."""
         self._final = final
         self._stopping = True
-        self._wake.set()
+        self._nudge.set()
 
     # ----- the connection loop -----
 
@@ -118,24 +118,23 @@ class Upstream:
                 break
             if self.connects != connects:
                 backoff.reset()  # it was connected: a link that drops after a week reconnects quickly
-            try:
-                await asyncio.wait_for(self._wait_stop(), timeout=backoff.next())
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff.next()):
+                    await self._wait_stop()
 
     async def _wait_stop(self) -> None:
         while not self._stopping:
-            self._wake.clear()
-            await self._wake.wait()
+            self._nudge.clear()
+            await self._nudge.wait()
 
     async def _connection(self) -> None:
         session = Session(self.cfg, self.client_id, ready_timeout=max(5.0, self.cfg.keepalive),
-                          inbox=self._commands, on_acks=self._on_acks, on_dropped=self._command_dropped)
+                          inbox=self._commands, on_acks=self._on_acks, on_dropped=self._command_dropped,
+                          on_lost=self._nudge.set)
         client = session.client
         client.max_inflight_messages_set(self.cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.will_set(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
-        self._space.clear()
         try:
             async with session:
                 self._session = session
@@ -173,7 +172,7 @@ class Upstream:
         # Wake the pump when there is room for a batch, not on every ack.
         session = self._session
         if session is None or len(session.pending) <= self._window // 2 or len(self._acked) >= self.cfg.batch:
-            self._space.set()
+            self._nudge.set()
 
     def _flush(self) -> None:
         if self._acked:
@@ -188,15 +187,14 @@ class Upstream:
     async def _pump(self, session: Session) -> None:
         inflight = session.pending
         publish = session.publish
-        space, lost = self._space, session.lost
+        nudge, lost = self._nudge, session.lost
         cursor: dict[int, int] = {}
         last_rewind = 0.0
         rewound = False  # after a rewind, rows still in flight come back from fetch: skip them
         batch = self.cfg.batch
         while not lost.is_set() and not self._stopping:
             # Clear before looking, so a wake-up that lands while we fetch is not lost.
-            self._wake.clear()
-            space.clear()
+            nudge.clear()
             self._flush()
             free = self._window - len(inflight)
             want = min(free, batch)
@@ -222,21 +220,18 @@ class Upstream:
                 await asyncio.sleep(0)  # more to send: let acks and other tasks in
                 continue
             # Idle or window full: wait for an ack, new rows, the link dropping, or a deferred row.
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, space, lost)]
-            try:
-                await asyncio.wait(waiters, timeout=0.25 if self._acked or self._refused else 1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25 if self._acked or self._refused else 1.0):
+                    await nudge.wait()
 
     async def _settle(self, session: Session, timeout: float = 5.0) -> None:
         """On a clean stop, give the broker a moment to acknowledge what is in flight."""
         deadline = time.monotonic() + timeout
         while session.pending and time.monotonic() < deadline:
-            self._space.clear()
+            self._nudge.clear()
             try:
-                await asyncio.wait_for(self._space.wait(), timeout=deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._nudge.wait()
             except TimeoutError:
                 break
         self._flush()
