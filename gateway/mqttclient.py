@@ -89,8 +89,8 @@ class Session:
     Threads. paho calls the `on_*` methods on the network thread; they hand everything to the
     event loop with `call_soon_threadsafe`, except messages: these are put into the bounded
     `inbox`, and the network thread waits for room (up to `put_timeout`, then the message is
-    dropped and counted); `on_dropped` is called for each dropped message, so a slow consumer slows the broker down (TCP back-pressure) instead
-    of growing memory.
+    dropped and `on_dropped` called), so a slow consumer slows the broker down (TCP
+    back-pressure) instead of growing memory.
 
     Only the network thread writes to the socket. paho's `publish()` from another thread would
     write directly, interleaving bytes with the network thread's writes (a corrupt stream: the
