@@ -8,11 +8,11 @@ discriminated union of device configs from this registry.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.backoff import Backoff
 from gateway.health import DeviceHealth
 from gateway.model import Sample, Waveform
 from gateway.schema import Duration, Name, StrictModel
@@ -114,27 +114,6 @@ def check_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError("cancellation swallowed by a peer library's wait_for")
-
-
-class Backoff:
-    """Jittered exponential back-off between `low` and `high` seconds.
-
-    Jitter keeps many devices that failed together (a switch reboot) from reconnecting in lockstep.
-    """
-
-    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
-        self.low = max(0.01, low)
-        self.high = max(self.low, high)
-        self._attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        ceiling = min(self.high, self.low * 2**self._attempt)
-        self._attempt = min(self._attempt + 1, 32)
-        return self._rng.uniform(max(self.low, ceiling / 2), ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth, reconnect_min: float,

@@ -1,8 +1,9 @@
 """MQTT in: subscribe to a site broker and turn payloads into samples or waveform blocks (paho 2.x).
 
-paho runs its network loop in its own thread; each message is handed to the event loop through a
-bounded queue, and the paho thread waits for room, so a slow gateway slows the broker connection
-down (TCP back-pressure) instead of growing memory.
+One `gateway.mqttclient.Session` per connection: its network thread hands each message to the
+event loop through a bounded queue and waits for room, so a slow gateway slows the broker
+connection down (TCP back-pressure) instead of growing memory. Messages still queued when a
+session ends are dropped and counted (`dropped`).
 
 Waveform blocks come as raw samples (f32le, f32be, i16le, csv) or as self-describing JSON (`format:
 json` with `values_path`), which may carry the sample rate, the sensor's time of the first sample
@@ -17,7 +18,6 @@ import base64
 import contextlib
 import datetime as _dt
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, re
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample, Waveform
-from gateway.mqttclient import connect_kwargs, make_client
+from gateway.mqttclient import Inbox, Session, SessionError
 from gateway.schema import BrokerConfig, Duration, Name, StrictModel
 
 log = logs.get("drivers.mqtt")
@@ -395,79 +395,25 @@ class MqttDriver:
                 value, ts = decoded
                 await emit(Sample(source, value, ts if ts is not None else received, Quality.GOOD, sub.unit))
 
-    def _drop_queued(self, queue: asyncio.Queue) -> None:
-        """Count what is left in the queue as dropped (and free a paho thread waiting for room)."""
-        while not queue.empty():
-            queue.get_nowait()
-            self.health.extra["dropped"] += 1
+    def _dropped(self) -> None:
+        self.health.extra["dropped"] += 1
 
     async def _session(self, emit: Emit) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue(maxsize=cfg.queue_size)
-        subscribed: asyncio.Future[None] = loop.create_future()
-        lost = asyncio.Event()
-        closing = False
-        client = make_client(cfg, cfg.client_id or f"edge-in-{cfg.name}")
-
-        def resolve(error: str | None) -> None:
-            if subscribed.done():
-                return
-            if error:
-                subscribed.set_exception(DeviceDisconnected(error))
-            else:
-                subscribed.set_result(None)
-
-        def on_connect(client, userdata, flags, reason_code, properties=None):
-            if reason_code.is_failure:
-                loop.call_soon_threadsafe(resolve, f"broker refused: {reason_code}")
-                return
-            client.subscribe([(s.topic, s.qos) for s in cfg.subscriptions])
-
-        def on_subscribe(client, userdata, mid, reason_codes, properties=None):
-            refused = [str(rc) for rc in reason_codes if rc.is_failure]
-            loop.call_soon_threadsafe(resolve, f"subscription refused: {', '.join(refused)}" if refused else None)
-
-        def on_disconnect(client, userdata, flags, reason_code, properties=None):
-            loop.call_soon_threadsafe(lost.set)
-
-        def on_message(client, userdata, msg):
-            if closing:  # the session is ending: nothing will take it
-                self.health.extra["dropped"] += 1
-                return
-            future = asyncio.run_coroutine_threadsafe(queue.put((msg.topic, msg.payload, time.time())), loop)
-            try:
-                future.result(timeout=max(1.0, cfg.timeout))
-            except Exception:  # noqa: BLE001 - the loop is closing or stuck: drop and count
-                future.cancel()
-                self.health.extra["dropped"] += 1
-
-        client.on_connect = on_connect
-        client.on_subscribe = on_subscribe
-        client.on_disconnect = on_disconnect
-        client.on_message = on_message
+        queue = Inbox(cfg.queue_size)
+        session = Session(cfg, cfg.client_id or f"edge-in-{cfg.name}", ready_timeout=max(cfg.timeout, 1.0) * 5,
+                          subscriptions=[(s.topic, s.qos) for s in cfg.subscriptions], inbox=queue,
+                          put_timeout=max(1.0, cfg.timeout), on_dropped=self._dropped)
         try:
-            try:
-                await asyncio.to_thread(client.connect, **connect_kwargs(cfg))
-            except (OSError, ValueError) as exc:
-                raise DeviceDisconnected(f"connect to {cfg.host}:{cfg.port} failed: {exc}") from None
-            client.loop_start()
-            try:
-                await asyncio.wait_for(asyncio.shield(subscribed), max(cfg.timeout, 1.0) * 5)
-            except asyncio.TimeoutError:
-                raise DeviceDisconnected("no CONNACK/SUBACK from broker") from None
-            self.health.ok()
-            # until_lost hands on what is queued before it reports the lost connection.
-            async with contextlib.aclosing(until_lost(queue, lost, "broker connection lost")) as messages:
-                async for topic, payload, received in messages:
-                    self.health.ok(now=received)
-                    await self.handle(topic, payload, received, emit)
-        finally:
-            closing = True
-            self._drop_queued(queue)
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
-            self._drop_queued(queue)  # a message the paho thread was still putting
+            async with session:
+                self.health.ok()
+                # until_lost hands on what is queued before it reports the lost connection.
+                async with contextlib.aclosing(until_lost(queue, session.lost, "broker connection lost")) as messages:
+                    async for msg, received in messages:
+                        self.health.ok(now=received)
+                        await self.handle(msg.topic, msg.payload, received, emit)
+        except SessionError as exc:
+            raise DeviceDisconnected(str(exc)) from None
 
 
 def _factory(config: DeviceConfig, health: DeviceHealth) -> MqttDriver:

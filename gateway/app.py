@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import signal
 import sqlite3
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import drivers.base as driver_registry
 from gateway import __version__, config as config_mod, logs
 from gateway.analytics import AnalyticsEngine
+from gateway.backoff import Backoff
 from gateway.buffer import Buffer
 from gateway.config import GatewayConfig
 from gateway.health import DeviceHealth, Notifier
@@ -31,6 +31,7 @@ log = logs.get("gateway.app")
 QUEUE_SIZE = 10_000  # samples and waveform blocks between drivers and processing
 TICK = 0.5  # seconds between rule ticks (for/clear_for/stale timing resolution)
 STOP_BOUND = 3.0  # seconds a stage may take to end when cancelled before it is named and cancelled again
+DRIVER_RESTART = (1.0, 30.0)  # seconds: back-off between restarts of a driver that returned or raised
 REBIRTH_INTERVAL = 5.0  # seconds: at most one cmd/rebirth writes the alarms into the buffer per interval
 
 
@@ -114,7 +115,7 @@ class Pipeline:
 
     async def _supervise(self, driver) -> None:
         """A driver should never return or raise; if it does, it is restarted, never the daemon."""
-        attempt = 0
+        backoff = Backoff(*DRIVER_RESTART)
         while True:
             try:
                 await driver.run(self.queue.put)
@@ -124,8 +125,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - one bad driver must not stop the others
                 driver.health.error(exc, disconnected=True)
                 log.exception("driver.crashed", device=driver.config.name)
-            attempt += 1
-            await asyncio.sleep(random.uniform(0.5, 1.0) * min(30.0, 2 ** min(attempt, 5)))
+            await asyncio.sleep(backoff.next())
 
     async def _process(self) -> None:
         while True:
@@ -214,6 +214,7 @@ class Pipeline:
                 "published": self.upstream.published,
                 "refused": self.upstream.refused,
                 "response_topics_refused": self.upstream.response_topics_refused,
+                "commands_dropped": self.upstream.commands_dropped,
                 "publish_rate": round(rate, 2),
                 "connects": self.upstream.connects,
                 "last_error": self.upstream.last_error,

@@ -1,22 +1,20 @@
 """The upstream MQTT link: drains the buffer to the broker, deleting only what was acknowledged.
 
-paho-mqtt 2.x runs its network loop in a thread of ours (one per connection); every callback is handed
-to the asyncio loop with `call_soon_threadsafe`, so all state here is touched by one thread.
-Because a callback is only processed after the current loop step, a PUBACK can never be
-handled before `publish()` returned and its message id was registered.
+One `gateway.mqttclient.Session` per connection: a fresh paho client with its own network
+thread, whose callbacks reach the event loop only, so all state here is touched by one thread.
+Rows unacknowledged when a connection drops stay in the buffer and are sent again on the next
+one (at least once; `seq` tells duplicates).
 
-A fresh paho client is made for each connection: rows unacknowledged when a connection drops
-stay in the buffer and are sent again on the next one (at least once; `seq` tells duplicates).
+Commands arrive in a bounded queue that one task reads, one command after another; while it is
+full, the network thread waits for room (up to a second, then the command is dropped, counted
+and logged).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 import json
-import random
-import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,30 +22,20 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from gateway import __version__, logs
+from gateway.backoff import Backoff
 from gateway.buffer import Buffer, Row
 from gateway.health import Transitions
 from gateway.model import iso_ts
-from gateway.mqttclient import connect_kwargs, make_client
+from gateway.mqttclient import Inbox, Session, SessionError
 
 log = logs.get("gateway.upstream")
 
+COMMAND_QUEUE = 100  # commands waiting for the one task that runs them
 CommandHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class UpstreamError(Exception):
-    """The broker could not be reached or refused the connection."""
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the broker's certificate was not accepted: {exc.verify_message or exc.reason}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: handshake failed: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running and listening on this port?)"
-    if isinstance(exc, OSError):
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
+class UpstreamError(SessionError):
+    """The broker could not be reached, refused the connection, or the link failed."""
 
 
 class Upstream:
@@ -68,29 +56,34 @@ class Upstream:
         self.published = 0  # acknowledged with success, since start
         self.refused = 0  # acknowledged with a failure reason code, since start
         self.response_topics_refused = 0  # command requests whose ResponseTopic was not allowed
-        self._wake = asyncio.Event()
+        self.commands_dropped = 0  # commands that found the queue full, or still queued when a session ended
         self._stopping = False
         self._final = True
         self._transitions = Transitions("upstream", broker=f"{cfg.host}:{cfg.port}")
-        self._client: mqtt.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: Session | None = None  # while connected
+        self._commands = Inbox(COMMAND_QUEUE)
         self._window = min(max(4 * cfg.max_inflight, 1000), 60_000)  # never near paho's 16-bit mids
+        # Per connection: rows acknowledged or refused and not yet written back to the buffer.
+        self._acked: list[Row] = []
+        self._refused: list[Row] = []
+        # The pump looks again: new rows, a stop, room in the window, the link lost.
+        self._nudge = asyncio.Event()
 
     # ----- API for the app -----
 
     def wake(self) -> None:
         """New rows are in the buffer."""
-        self._wake.set()
+        self._nudge.set()
 
     def topic(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"
 
     def publish_direct(self, suffix: str, payload: dict[str, Any], *, qos: int = 0, retain: bool = False) -> bool:
         """Live messages that are not buffered (health, command replies). False when offline."""
-        client = self._client
-        if client is None or not self.connected:
+        session = self._session
+        if session is None or not self.connected:
             return False
-        info = client.publish(self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain)
+        info = session.publish(self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def _status_payload(self, state: str) -> bytes:
@@ -102,179 +95,107 @@ class Upstream:
         `offline` status; a clean DISCONNECT keeps the broker from sending the will either."""
         self._final = final
         self._stopping = True
-        self._wake.set()
+        self._nudge.set()
 
     # ----- the connection loop -----
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        attempt = 0
+        async with asyncio.TaskGroup() as tg:
+            commands = tg.create_task(self._serve_commands(), name="upstream.commands")
+            await self._connect_loop()
+            commands.cancel()
+
+    async def _connect_loop(self) -> None:
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
         while not self._stopping:
+            connects = self.connects
             try:
-                await self._session()
-                attempt = 0
-            except UpstreamError as exc:
+                await self._connection()
+            except SessionError as exc:
                 self.last_error = str(exc)
                 self._transitions.bad("connection", str(exc))
             if self._stopping:
                 break
-            attempt += 1
-            delay = min(self.cfg.reconnect_max, self.cfg.reconnect_min * 2 ** min(attempt, 20))
-            delay = random.uniform(delay / 2, delay)
-            try:
-                await asyncio.wait_for(self._wait_stop(), timeout=delay)
-            except TimeoutError:
-                pass
+            if self.connects != connects:
+                backoff.reset()  # it was connected: a link that drops after a week reconnects quickly
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff.next()):
+                    await self._wait_stop()
 
     async def _wait_stop(self) -> None:
         while not self._stopping:
-            self._wake.clear()
-            await self._wake.wait()
+            self._nudge.clear()
+            await self._nudge.wait()
 
-    async def _session(self) -> None:
-        loop = asyncio.get_running_loop()
-        connected: asyncio.Future = loop.create_future()
-        lost: asyncio.Future = loop.create_future()
-        inflight: dict[int, Row] = {}
-        acked: list[Row] = []
-        refused: list[Row] = []
-        space = asyncio.Event()
-
-        def settle(fut: asyncio.Future, value: Any) -> None:
-            if not fut.done():
-                fut.set_result(value)
-
-        def on_connect(client, userdata, flags, reason_code, properties) -> None:
-            loop.call_soon_threadsafe(settle, connected, reason_code)
-
-        def on_disconnect(client, userdata, flags, reason_code, properties) -> None:
-            loop.call_soon_threadsafe(settle, lost, reason_code)
-            loop.call_soon_threadsafe(settle, connected, reason_code)
-
-        # PUBACKs arrive on the network thread. They are queued there and handed to the loop in
-        # bursts: one wake-up of the loop per burst rather than one per acknowledgement.
-        arrived: collections.deque = collections.deque()
-        scheduled = [False]
-
-        def take_acks() -> None:
-            scheduled[0] = False
-            while arrived:
-                mid, reason_code = arrived.popleft()
-                row = inflight.pop(mid, None)
-                if row is None:
-                    continue
-                if reason_code.is_failure:
-                    refused.append(row)
-                    self._transitions.bad(f"refused:{row.topic}", f"broker refused publish: {reason_code}",
-                                          topic=self.topic(row.topic))
-                else:
-                    acked.append(row)
-            # Wake the pump when there is room for a batch, not on every ack.
-            if len(inflight) <= self._window // 2 or len(acked) >= self.cfg.batch:
-                space.set()
-
-        def on_publish(client, userdata, mid, reason_code, properties) -> None:
-            arrived.append((mid, reason_code))
-            if not scheduled[0]:
-                scheduled[0] = True
-                loop.call_soon_threadsafe(take_acks)
-
-        def on_message(client, userdata, msg) -> None:
-            if msg.retain:
-                return  # a retained command would run again at every connect
-            props = getattr(msg, "properties", None)
-            loop.call_soon_threadsafe(self._command, msg.topic, bytes(msg.payload), props)
-
-        client = make_client(self.cfg, self.client_id)
+    async def _connection(self) -> None:
+        session = Session(self.cfg, self.client_id, ready_timeout=max(5.0, self.cfg.keepalive),
+                          inbox=self._commands, on_acks=self._on_acks, on_dropped=self._command_dropped,
+                          on_lost=self._nudge.set)
+        client = session.client
         client.max_inflight_messages_set(self.cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.will_set(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
-        client.on_publish = on_publish
-        client.on_message = on_message
-        # Only the network thread may write to the socket. Without paho's own thread, publish()
-        # would write directly from the calling thread, interleaving bytes with the network
-        # thread's writes (a corrupt stream: the broker drops the connection). With a write
-        # callback registered, publish() queues the packet and wakes the network thread instead.
-        client.on_socket_register_write = lambda client, userdata, sock: None
         try:
-            await loop.run_in_executor(None, lambda: client.connect(**connect_kwargs(self.cfg)))
-        except Exception as exc:  # noqa: BLE001 - every connect failure is reported the same way
-            raise UpstreamError(describe_connect_error(exc)) from None
-        halt = threading.Event()
-        network = threading.Thread(target=self._network, args=(client, halt, loop, lost),
-                                   name="upstream.network", daemon=True)
-        network.start()
-        try:
-            try:
-                rc = await asyncio.wait_for(asyncio.shield(connected), timeout=max(5.0, self.cfg.keepalive))
-            except TimeoutError:
-                raise UpstreamError("no CONNACK from the broker") from None
-            if rc.is_failure:
-                raise UpstreamError(f"broker refused the connection: {rc}")
-            self._client = client
-            self.connected = True
-            self.connects += 1
-            self.last_error = None
-            if not self._transitions.ok("connection"):
-                log.info("upstream.connected", broker=f"{self.cfg.host}:{self.cfg.port}", client_id=self.client_id)
-            client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
-            client.subscribe(self.topic("cmd/+"), qos=1)
-            if self.on_connected:
-                self.on_connected()
-            await self._pump(client, inflight, acked, refused, space, lost)
-            if self._stopping:
-                await self._settle(client, inflight, acked, refused, space)
-                if self._final:
-                    info = client.publish(self.topic("status"), self._status_payload("offline"), qos=1, retain=True)
-                    await loop.run_in_executor(None, lambda: info.wait_for_publish(2.0))
-                client.disconnect()
-                # The network thread writes what is queued (command replies, DISCONNECT) and
-                # ends by itself when the broker closes the link.
-                await loop.run_in_executor(None, network.join, 2.0)
-            elif lost.done():
-                raise UpstreamError(f"connection lost: {lost.result()}")
+            async with session:
+                self._session = session
+                self.connected = True
+                self.connects += 1
+                self.last_error = None
+                if not self._transitions.ok("connection"):
+                    log.info("upstream.connected", broker=f"{self.cfg.host}:{self.cfg.port}", client_id=self.client_id)
+                session.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
+                client.subscribe(self.topic("cmd/+"), qos=1)
+                if self.on_connected:
+                    self.on_connected()
+                await self._pump(session)
+                if self._stopping:
+                    await self._settle(session)
+                    if self._final:
+                        info = session.publish(self.topic("status"), self._status_payload("offline"), qos=1,
+                                               retain=True)
+                        await asyncio.get_running_loop().run_in_executor(None, lambda: info.wait_for_publish(2.0))
+                elif session.lost.is_set():
+                    raise UpstreamError(f"connection lost: {session.lost_reason}")
         finally:
             self.connected = False
-            self._client = None
-            self._flush(acked, refused)
-            halt.set()
-            await loop.run_in_executor(None, network.join, 5.0)
-            client.disconnect()  # no-op when already gone; never leave a socket behind
+            self._session = None
+            self._flush()
 
-    @staticmethod
-    def _network(client: mqtt.Client, halt: threading.Event, loop: asyncio.AbstractEventLoop,
-                 lost: asyncio.Future) -> None:
-        """paho's network loop for one connection, without paho's own reconnect: a lost link
-        ends the session and the outer loop makes a fresh client, so no stale socket lingers."""
-        rc = mqtt.MQTT_ERR_SUCCESS
-        while not halt.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
-            rc = client.loop(timeout=0.2)
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            loop.call_soon_threadsafe(lambda: lost.done() or lost.set_result(mqtt.error_string(rc)))
+    def _on_acks(self, acks: list[tuple[Row, Any]]) -> None:
+        for row, reason_code in acks:
+            if reason_code.is_failure:
+                self._refused.append(row)
+                self._transitions.bad(f"refused:{row.topic}", f"broker refused publish: {reason_code}",
+                                      topic=self.topic(row.topic))
+            else:
+                self._acked.append(row)
+        # Wake the pump when there is room for a batch, not on every ack.
+        session = self._session
+        if session is None or len(session.pending) <= self._window // 2 or len(self._acked) >= self.cfg.batch:
+            self._nudge.set()
 
-    def _flush(self, acked: list[Row], refused: list[Row]) -> None:
-        if acked:
-            self.buffer.ack(acked)
-            self.published += len(acked)
-            acked.clear()
-        if refused:
-            self.buffer.defer(refused, self.cfg.refused_retry)
-            self.refused += len(refused)
-            refused.clear()
+    def _flush(self) -> None:
+        if self._acked:
+            self.buffer.ack(self._acked)
+            self.published += len(self._acked)
+            self._acked.clear()
+        if self._refused:
+            self.buffer.defer(self._refused, self.cfg.refused_retry)
+            self.refused += len(self._refused)
+            self._refused.clear()
 
-    async def _pump(self, client: mqtt.Client, inflight: dict[int, Row], acked: list[Row], refused: list[Row],
-                    space: asyncio.Event, lost: asyncio.Future) -> None:
+    async def _pump(self, session: Session) -> None:
+        inflight = session.pending
+        publish = session.publish
+        nudge, lost = self._nudge, session.lost
         cursor: dict[int, int] = {}
         last_rewind = 0.0
         rewound = False  # after a rewind, rows still in flight come back from fetch: skip them
         batch = self.cfg.batch
-        while not lost.done() and not self._stopping:
+        while not lost.is_set() and not self._stopping:
             # Clear before looking, so a wake-up that lands while we fetch is not lost.
-            self._wake.clear()
-            space.clear()
-            self._flush(acked, refused)
+            nudge.clear()
+            self._flush()
             free = self._window - len(inflight)
             want = min(free, batch)
             rows: list[Row] = []
@@ -292,40 +213,47 @@ class Upstream:
                 cursor[row.priority] = max(cursor.get(row.priority, 0), row.seq)
                 if row.seq in sending:
                     continue
-                info = client.publish(self.topic(row.topic), row.payload, qos=1, retain=row.retain)
+                info = publish(self.topic(row.topic), row.payload, qos=1, retain=row.retain, item=row)
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     raise UpstreamError(f"publish failed: {mqtt.error_string(info.rc)}")
-                inflight[info.mid] = row
             if rows and len(rows) >= want:
                 await asyncio.sleep(0)  # more to send: let acks and other tasks in
                 continue
             # Idle or window full: wait for an ack, new rows, the link dropping, or a deferred row.
-            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(space.wait())]
-            try:
-                await asyncio.wait([*waiters, lost], timeout=0.25 if acked or refused else 1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25 if self._acked or self._refused else 1.0):
+                    await nudge.wait()
 
-    async def _settle(self, client, inflight, acked, refused, space, timeout: float = 5.0) -> None:
+    async def _settle(self, session: Session, timeout: float = 5.0) -> None:
         """On a clean stop, give the broker a moment to acknowledge what is in flight."""
         deadline = time.monotonic() + timeout
-        while inflight and time.monotonic() < deadline:
-            space.clear()
+        while session.pending and time.monotonic() < deadline:
+            self._nudge.clear()
             try:
-                await asyncio.wait_for(space.wait(), timeout=deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._nudge.wait()
             except TimeoutError:
                 break
-        self._flush(acked, refused)
-        if inflight:
-            log.warning("upstream.unsettled", count=len(inflight), hint="they stay buffered and are sent after restart")
+        self._flush()
+        if session.pending:
+            log.warning("upstream.unsettled", count=len(session.pending),
+                        hint="they stay buffered and are sent after restart")
 
     # ----- commands -----
 
-    def _command(self, topic: str, payload: bytes, props) -> None:
-        name = topic.rsplit("/", 1)[-1]
-        asyncio.get_running_loop().create_task(self._run_command(name, payload, props), name=f"upstream.cmd.{name}")
+    def _command_dropped(self) -> None:
+        """Called on the network thread too: a plain counter, read by the health report."""
+        self.commands_dropped += 1
+        log.warning("upstream.command_dropped", dropped=self.commands_dropped,
+                    hint=f"more than {COMMAND_QUEUE} commands waiting, or the link ended before they ran")
+
+    async def _serve_commands(self) -> None:
+        """The one task that runs commands, in the order they arrived."""
+        while True:
+            msg, _ = await self._commands.get()
+            if msg.retain:
+                continue  # a retained command would run again at every connect
+            await self._run_command(msg.topic.rsplit("/", 1)[-1], bytes(msg.payload), getattr(msg, "properties", None))
 
     async def _run_command(self, name: str, payload: bytes, props) -> None:
         request: dict[str, Any] = {}
@@ -346,17 +274,17 @@ class Upstream:
         if "id" in request:
             reply["id"] = request["id"]
         response_topic = self._response_topic(name, props, reply)
-        client = self._client
-        if client is None:
+        session = self._session
+        if session is None:
             return
         body = json.dumps(reply, separators=(",", ":"), default=str)
-        client.publish(self.topic(f"cmd/{name}/reply"), body, qos=1)
+        session.publish(self.topic(f"cmd/{name}/reply"), body, qos=1)
         if response_topic:
             out = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
             corr = getattr(props, "CorrelationData", None)
             if corr:
                 out.CorrelationData = corr
-            client.publish(response_topic, body, qos=1, properties=out)
+            session.publish(response_topic, body, qos=1, properties=out)
 
     def _response_topic(self, name: str, props, reply: dict[str, Any]) -> str | None:
         """The request's MQTT 5 ResponseTopic, if the gateway may publish there.

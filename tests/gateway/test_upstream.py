@@ -204,6 +204,39 @@ async def test_commands_get_replies(tmp_path, mosquitto, collector_factory):
         await asyncio.wait_for(task, 10)
 
 
+async def test_commands_run_one_at_a_time_from_a_bounded_queue(tmp_path, mosquitto, collector_factory):
+    """One command in hand, 100 waiting: two more find no room, are dropped and counted; the
+    rest run in the order they came once the first one finishes."""
+    release = asyncio.Event()
+    ran: list[int] = []
+
+    async def handler(name, request):
+        if not ran:
+            await release.wait()
+        ran.append(request["id"])
+        return {"ok": True}
+
+    collector = collector_factory(mosquitto, "edge/gw1/cmd/#")
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    up = make_upstream(buffer, mosquitto.port, on_command=handler)
+    task = asyncio.create_task(up.run())
+    try:
+        assert await wait_until(lambda: up.connected, 10)
+        await asyncio.sleep(0.3)  # the gateway's subscription is in place
+        for i in range(103):
+            collector.client.publish("edge/gw1/cmd/ping", json.dumps({"id": i}), qos=1)
+        assert await wait_until(lambda: up.commands_dropped == 2, 10)
+        assert ran == []
+        release.set()
+        assert await wait_until(lambda: len(collector.json("edge/gw1/cmd/ping/reply")) == 101, 10)
+        assert ran == list(range(101))
+        assert [p["id"] for _, p in collector.json("edge/gw1/cmd/ping/reply")] == list(range(101))
+        assert up.commands_dropped == 2
+    finally:
+        up.stop()
+        await asyncio.wait_for(task, 10)
+
+
 class Requester:
     """An MQTT 5 client that sees everything on the broker ('#'), with publish properties."""
 
