@@ -1,4 +1,4 @@
-"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo."""
+"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo, discover."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from gateway import __version__, logs
+from gateway import __version__, discover, logs
 
 DEFAULT_CONFIG = "/etc/edge-gateway/gateway.yaml"  # kept here so parsing arguments imports nothing heavy
 
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None, help="where the demo keeps its buffer (default: a temporary folder)")
     p.add_argument("--plain", action="store_true", help="print lines instead of refreshing the screen in place")
     p.set_defaults(func=cmd_demo)
+
+    discover.add_parser(sub)  # its options and logic: gateway/discover.py
     return parser
 
 
