@@ -211,7 +211,7 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
 
 def _device_lines(unit: Unit, name: str, host: str, port: int | None, serial: SerialConfig | None,
                   tables: list[str], span: str) -> list[str]:
-    lines = [f"  - name: {name}", "    driver: modbus"]
+    lines = [f"  - name: {scalar(name)}", "    driver: modbus"]
     if serial is not None:
         lines += ["    transport: rtu",
                   f"    serial: {{port: {scalar(serial.port)}, baudrate: {serial.baudrate}, parity: {serial.parity}, "

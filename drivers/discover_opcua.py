@@ -156,7 +156,7 @@ async def _walk(client: Client, root: ua.NodeId, depth: int, bounds: Bounds, pro
 
 
 def _tag_lines(var: Variable, name: str) -> list[str]:
-    lines = [f"      - name: {name}"]
+    lines = [f"      - name: {scalar(name)}"]  # quoted: a name like 1_000 or on is not a number or a bool
     where = var.datatype if var.dims is None else f"{var.datatype} array {'x'.join(map(str, var.dims))}"
     notes = [where]
     if var.status != "Good":
@@ -176,7 +176,7 @@ def _tag_lines(var: Variable, name: str) -> list[str]:
 
 
 def _device_lines(cfg: OpcUaConfig, name: str) -> list[str]:
-    lines = [f"  - name: {name}", "    driver: opcua", f"    endpoint: {scalar(cfg.endpoint)}"]
+    lines = [f"  - name: {scalar(name)}", "    driver: opcua", f"    endpoint: {scalar(cfg.endpoint)}"]
     sec = cfg.security
     if sec.policy != "None":
         lines.append(f"    security:\n      policy: {sec.policy}\n      mode: {sec.mode}")
@@ -222,7 +222,7 @@ async def discover(args: argparse.Namespace, progress: Progress) -> str:
     if bounds.exhausted:
         out.append(f"# INCOMPLETE: stopped because {bounds.exhausted} (see --max-nodes, --time-limit, --depth)")
     out += ["# endpoints offered:", *endpoints, "devices:"]
-    out += _device_lines(cfg, args.name or tag_name(client.server_url.hostname or "opcua"))
+    out += _device_lines(cfg, args.name or tag_name(f"opcua_{client.server_url.hostname}"))
     out.append("    tags:")
     names = Names()
     for var in found:
