@@ -103,7 +103,8 @@ class _TableScan:
 
     async def block(self, pos: int) -> int:
         """Probe the block at `pos`; returns where the next one starts."""
-        n = min(self.size, self.last + 1 - pos)
+        # Blocks end on a multiple of STRIDE, so that the next one starts on one.
+        n = min(max(STRIDE, (pos + self.size) // STRIDE * STRIDE) - pos, self.last + 1 - pos)
         outcome = await self.prober.read(self.table, pos, n, self.unit.unit_id)
         if outcome == ILLEGAL_FUNCTION:
             raise _Unsupported
@@ -112,12 +113,29 @@ class _TableScan:
         if outcome is SILENT:
             self.unit.silent.append(f"{self.table} {pos}-{pos + n - 1}")
             return pos + n
-        # Refused: single reads at pos and every STRIDE addresses; a readable one gives a range.
-        for seed in [pos, *range((pos // STRIDE + 1) * STRIDE, pos + n, STRIDE)]:
+        # Refused: single reads at every multiple of STRIDE (before the first, when the block
+        # starts after a range: binary narrowing); the first readable address gives a range,
+        # found exactly.
+        aligned = min(pos + n, -(-pos // STRIDE) * STRIDE)
+        if aligned > pos:
+            seed = await self.lowest_readable(pos, aligned - 1)
+            if seed is not None:
+                return await self.add(seed, await self.end(seed))
+        for seed in range(aligned, pos + n, STRIDE):
             if await self.ok(seed, 1):
                 floor = max(pos, seed - STRIDE + 1)  # the seed before this one did not read
                 return await self.add(await self.start(floor, seed), await self.end(seed))
         return pos + n
+
+    async def lowest_readable(self, low: int, high: int) -> int | None:
+        """The lowest readable address in low..high, or None: the span, then each half."""
+        if await self.ok(low, high - low + 1):
+            return low
+        if low == high:
+            return None
+        mid = (low + high) // 2
+        found = await self.lowest_readable(low, mid)
+        return found if found is not None else await self.lowest_readable(mid + 1, high)
 
     async def start(self, low: int, high: int) -> int:
         """The lowest s in low..high with s..high readable (high is): binary search."""
@@ -148,8 +166,9 @@ class _TableScan:
         return known
 
     async def add(self, first: int, last: int) -> int:
+        """Note a readable range; the next probe starts after the address that ended it (refused)."""
         self.found.append((first, last))
-        return last + 1
+        return last + 2
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

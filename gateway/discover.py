@@ -158,7 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="register and bit addresses to probe in each table (default 0-9999; 0-65535 for all)")
     q.add_argument("--tables", default="coil,discrete,holding,input", help="tables to probe (default: all four)")
     q.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each answer (default 0.3)")
-    q.add_argument("--max-requests", type=int, default=5000, help="requests to send at most (default 5000)")
+    q.add_argument("--max-requests", type=int, default=10000, help="requests to send at most (default 10000)")
     common(q)
     p.set_defaults(func=main)
 
