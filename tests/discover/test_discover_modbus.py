@@ -106,3 +106,16 @@ async def test_no_unit_answers():
     finally:
         await sim.stop()
     assert res.returncode == 1 and "no unit id of 1-3 answers" in res.stderr and res.stdout == ""
+
+
+async def test_time_limit_bounds_the_search():
+    port = free_port()
+    sim = await ModbusSimulator().start_tcp("127.0.0.1", port)
+    try:
+        res = await discover("modbus", f"127.0.0.1:{port}", "--addresses", "0-65535", "--time-limit", "0.3")
+    finally:
+        await sim.stop()
+    assert res.returncode == 0, res.stderr
+    assert "INCOMPLETE: stopped because the time limit was reached" in res.stdout
+    assert re.search(r"requests in 0\.\d s", res.stdout)
+    assert ranges("modbus_127_0_0_1", res.stdout)["coil"] == [(0, 15)]  # what it found so far is kept
