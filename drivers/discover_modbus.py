@@ -109,7 +109,10 @@ class _TableScan:
         if outcome == ILLEGAL_FUNCTION:
             raise _Unsupported
         if outcome == OK:
-            return await self.add(pos, await self.end(pos + n - 1))
+            # The range may begin in the refused block before, after its last single read.
+            floor = max(self.first, pos - STRIDE + 1, self.found[-1][1] + 2 if self.found else 0)
+            begin = await self.start(floor, pos) if floor < pos else pos
+            return await self.add(begin, await self.end(pos + n - 1))
         if outcome is SILENT:
             self.unit.silent.append(f"{self.table} {pos}-{pos + n - 1}")
             return pos + n

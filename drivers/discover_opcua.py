@@ -116,14 +116,18 @@ async def _describe(client: Client, found: list[Variable]) -> None:
         chunk = found[i:i + BATCH]
         nodes = [client.get_node(v.node) for v in chunk]
         types = await client.read_attributes(nodes, ua.AttributeIds.DataType)
+        ranks = await client.read_attributes(nodes, ua.AttributeIds.ValueRank)
         values = await client.read_attributes(nodes, ua.AttributeIds.Value)
-        for var, dtype, dv in zip(chunk, types, values):
+        for var, dtype, rank, dv in zip(chunk, types, ranks, values):
             var.datatype = _type_name(dtype.Value.Value if dtype.Value is not None else None)
             status = dv.StatusCode if dv.StatusCode is not None else ua.StatusCode()
             var.status = status.name
             variant = dv.Value
-            if variant is not None and variant.is_array:
-                var.dims = list(variant.Dimensions or [len(variant.Value or [])])
+            if variant is not None and variant.Value is not None:
+                if variant.is_array:
+                    var.dims = list(variant.Dimensions or [len(variant.Value)])
+            elif rank.Value is not None and isinstance(rank.Value.Value, int) and rank.Value.Value >= 1:
+                var.dims = [0] * rank.Value.Value  # no value now: the declared rank, sizes unknown
 
 
 async def _walk(client: Client, root: ua.NodeId, depth: int, bounds: Bounds, progress: Progress) -> list[Variable]:
@@ -157,7 +161,7 @@ async def _walk(client: Client, root: ua.NodeId, depth: int, bounds: Bounds, pro
 
 def _tag_lines(var: Variable, name: str) -> list[str]:
     lines = [f"      - name: {scalar(name)}"]  # quoted: a name like 1_000 or on is not a number or a bool
-    where = var.datatype if var.dims is None else f"{var.datatype} array {'x'.join(map(str, var.dims))}"
+    where = var.datatype if var.dims is None else f"{var.datatype} array {'x'.join(str(d) if d else '?' for d in var.dims)}"
     notes = [where]
     if var.status != "Good":
         notes.append(f"value now {var.status}")

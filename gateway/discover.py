@@ -123,8 +123,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("discover", help="ask a device what it offers and print a config skeleton (read-only)")
     kinds = p.add_subparsers(dest="kind", required=True)
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--time-limit", type=float, default=120.0, help="stop after this many seconds (default 120)")
+    def common(q: argparse.ArgumentParser, time_limit: float) -> None:
+        q.add_argument("--time-limit", type=float, default=time_limit,
+                       help=f"stop after this many seconds (default {time_limit:.0f})")
         q.add_argument("--progress", action="store_true", help="progress lines on stderr even when it is not a terminal")
         q.add_argument("--name", help="device name in the skeleton (default: from the address)")
 
@@ -144,7 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--application-uri")
     q.add_argument("--username")
     q.add_argument("--password-file", help="file holding the password (trailing newline ignored)")
-    common(q)
+    common(q, 120.0)
 
     q = kinds.add_parser("modbus", help="unit ids and readable register ranges of a Modbus device or line")
     q.add_argument("host", nargs="?", help="HOST[:PORT] for Modbus TCP (default port 502)")
@@ -159,7 +160,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--tables", default="coil,discrete,holding,input", help="tables to probe (default: all four)")
     q.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each answer (default 0.3)")
     q.add_argument("--max-requests", type=int, default=10000, help="requests to send at most (default 10000)")
-    common(q)
+    common(q, 600.0)  # 247 silent unit ids on a serial line alone take 74 s at the default timeout
     p.set_defaults(func=main)
 
 

@@ -49,11 +49,13 @@ async def test_tcp_finds_the_units_and_ranges_within_budget(tmp_path):
 async def test_narrowing_finds_a_refused_register_and_respects_a_small_budget():
     port = free_port()
     sim = await ModbusSimulator().start_tcp("127.0.0.1", port)
-    sim.fail = {5}  # holding 5 answers with a device-failure exception
+    # refused with a device-failure exception: holding 5, and 100-119 so that the scratch range
+    # begins just before a block that reads in one go
+    sim.fail = {5, *range(100, 120)}
     try:
         res = await discover("modbus", f"127.0.0.1:{port}", "--addresses", "0-499", "--tables", "holding")
         assert res.returncode == 0, res.stderr
-        assert ranges("modbus_127_0_0_1", res.stdout) == {"holding": [(0, 4), (6, 15), (100, 399)]}
+        assert ranges("modbus_127_0_0_1", res.stdout) == {"holding": [(0, 4), (6, 15), (120, 399)]}
         before = sim.total_requests
         small = await discover("modbus", f"127.0.0.1:{port}", "--max-requests", "40")
         assert small.returncode == 0, small.stderr

@@ -63,6 +63,10 @@ async def plain_server(port: int) -> tuple[Server, dict[str, str]]:
     for parent, name, variant in values:
         node = await parent.add_variable(idx, name, variant)
         nodes[name if name not in nodes else f"{name}2"] = node.nodeid.to_string()
+    empty = await cell.add_variable(idx, "Empty", ua.Variant(None, ua.VariantType.Null),
+                                    datatype=ua.NodeId(ua.ObjectIds.Float))
+    await empty.write_attribute(ua.AttributeIds.ValueRank, ua.DataValue(ua.Variant(1, ua.VariantType.Int32)))
+    nodes["Empty"] = empty.nodeid.to_string()  # no value yet: an array by its declared rank
     await server.start()
     return server, nodes
 
@@ -80,7 +84,8 @@ async def test_plain_server_nested_folders_types_and_names(tmp_path):
         assert {"Plant_Line_1_Temp", "Plant_Line_1_Temp_2", "Plant_Line_1_Cell_A_Count"} <= set(names)
         for expected in ("UInt64", "Int16", "Boolean", "String", "Double array 3", "UInt16 array 2"):
             assert expected in res.stdout
-        assert res.stdout.count("# sample_rate: <fill in>") == 1  # the Double array only
+        assert "Float array ?" in res.stdout
+        assert res.stdout.count("# sample_rate: <fill in>") == 2  # the Double array and the empty Float one
         assert "a UInt16 array: waveform tags take Float, Double, Int16 or Int32" in res.stdout
         assert "nodes" in res.stderr  # progress lines, asked for with --progress
         device = write_config(tmp_path, res.stdout).devices[0]
