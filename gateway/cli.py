@@ -1,4 +1,4 @@
-"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo."""
+"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo, discover."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from gateway import __version__, logs
+from gateway import __version__, discover, logs
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None, help="where the demo keeps its buffer (default: a temporary folder)")
     p.add_argument("--plain", action="store_true", help="print lines instead of refreshing the screen in place")
     p.set_defaults(func=cmd_demo)
+
+    discover.add_parser(sub)  # its options and logic: gateway/discover.py
     return parser
 
 

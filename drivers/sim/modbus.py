@@ -23,6 +23,8 @@ discrete
 
 Addresses outside the map answer with exception 2 (illegal data address). `fail` holds
 addresses of the holding table that answer with exception 4 (device failure), for tests.
+Unit ids not in `unit_ids` get no answer on RTU, and exception 11 (gateway target failed to
+respond) on TCP.
 Values are computed from the clock when a request reads them, so the server needs no timer task.
 """
 
@@ -37,9 +39,11 @@ from dataclasses import dataclass, field
 
 from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.simulator.simcore import SimCore
 
 from drivers.modbus import encode
 
@@ -93,6 +97,22 @@ class MachineModel:
     def input(self, now: float) -> list[int]:
         return encode(400.0 + self._rng.gauss(0.0, 0.5), "float32") + [
             int(125 if self.running(now) else 3) + self._rng.randint(0, 2)]
+
+
+class _KnownUnits(SimCore):
+    """Unit ids the simulator does not define get no answer on RTU (as on a real line) and the
+    TCP gateway exception 11 (target failed to respond) on TCP; pymodbus 3.16 alone answers
+    them with a device-failure exception and logs a traceback."""
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):  # noqa: ANN201
+        if device_id not in self.devices:
+            raise NoSuchIdException(f"unit id {device_id}")
+        return await super().async_getValues(device_id, func_code, address, count)
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values):  # noqa: ANN001, ANN201
+        if device_id not in self.devices:
+            raise NoSuchIdException(f"unit id {device_id}")
+        return await super().async_setValues(device_id, func_code, address, values)
 
 
 class ModbusSimulator:
@@ -155,14 +175,17 @@ class ModbusSimulator:
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 5020) -> "ModbusSimulator":
         self.server = ModbusTcpServer(self._devices(), address=(host, port), trace_pdu=self._trace_pdu)
+        self.server.context = _KnownUnits(self._devices())
         await self.server.serve_forever(background=True)
         return self
 
     async def start_rtu(self, port: str, baudrate: int = 19200, parity: str = "N", stopbits: int = 1,
                         bytesize: int = 8) -> "ModbusSimulator":
         self.server = ModbusSerialServer(self._devices(), framer=FramerType.RTU, port=port, baudrate=baudrate,
+                                         ignore_missing_devices=True,
                                          parity=parity, stopbits=stopbits, bytesize=bytesize,
                                          trace_pdu=self._trace_pdu)
+        self.server.context = _KnownUnits(self._devices())
         await self.server.serve_forever(background=True)
         return self
 
