@@ -20,7 +20,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from drivers.modbus import MAX_BITS, MAX_REGISTERS, SerialConfig
-from gateway.discover import Bounds, DiscoverError, Progress, parse_ranges, scalar, tag_name
+from drivers.discovery import Bounds, DiscoverError, Progress, parse_ranges, scalar, tag_name
 
 _READS = {"coil": "read_coils", "discrete": "read_discrete_inputs", "holding": "read_holding_registers",
           "input": "read_input_registers"}

@@ -17,7 +17,7 @@ from asyncua import Client, ua
 from pydantic import ValidationError
 
 from drivers.opcua import OpcUaConfig, OpcUaDriver
-from gateway.discover import Bounds, DiscoverError, Names, Progress, scalar, tag_name
+from drivers.discovery import Bounds, DiscoverError, Names, Progress, scalar, tag_name
 from gateway.health import DeviceHealth
 
 BATCH = 100  # nodes per Browse or Read request

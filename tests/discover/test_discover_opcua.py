@@ -8,7 +8,7 @@ import re
 from asyncua import Server, ua
 
 from drivers.sim.opcua import OpcUaSimulator
-from gateway.discover import Names, tag_name
+from drivers.discovery import Names, tag_name
 from gateway.model import Waveform
 from tests.conftest import free_port, run_cli
 from tests.discover.conftest import discover, parse, read_all, write_config
