@@ -476,8 +476,10 @@ class RuleEngine:
         return fields
 
     def health(self) -> dict[str, Any]:
-        active = sorted(a.name for h in self._handlers for a in h.alarms() if a.active)
-        out: dict[str, Any] = {"alarms_active": len(active), "active": active, "pass_fail": {}}
+        active = [a for h in self._handlers for a in h.alarms() if a.active]
+        by_severity = {s: sum(1 for a in active if a.severity == s) for s in SEVERITY_RANK}
+        out: dict[str, Any] = {"alarms_active": len(active), "active": sorted(a.name for a in active),
+                               "by_severity": by_severity, "pass_fail": {}}
         for handler in self._handlers:
             section = handler.health()
             if section is not None:
