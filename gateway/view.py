@@ -158,15 +158,17 @@ def render(view: LiveView, title: str, zones: dict[str, tuple[float, float, floa
     buf = health.get("buffer", {})
     up = health.get("upstream", {})
     link = "" if view.connected else " | NOT CONNECTED to the broker"
+    age = buf.get("oldest_age_s")
+    lag = (health.get("loop_lag") or {}).get("max_ms")
     out = [
         title,
         f"gateway {status.get('gateway', '-')}: {status.get('state', 'starting')} (version {status.get('version', '-')},"
         f" started {status.get('started_at', '-')}) | last health {health.get('ts', '-')}"
         f" | received {sum(counts.values())} messages{link}",
-        f"buffer {buf.get('depth', '-')} rows, {fmt(buf.get('bytes'))} bytes, oldest {fmt(buf.get('oldest_age_s'))} s"
-        f" | dropped {health.get('dropped', 0)} | upstream connected {up.get('connected', '-')},"
+        f"buffer {buf.get('depth', '-')} rows, {fmt(buf.get('bytes'))} bytes" + (f", oldest {fmt(age)} s" if age else "")
+        + f" | dropped {health.get('dropped', 0)} | upstream connected {up.get('connected', '-')},"
         f" published {up.get('published', 0)} ({up.get('publish_rate', 0)}/s), refused {up.get('refused', 0)},"
-        f" connects {up.get('connects', '-')}",
+        f" connects {up.get('connects', '-')}" + (f" | loop lag max {fmt(lag)} ms" if lag is not None else ""),
         "",
         "DEVICES        connected  errors  last_ok",
     ]
