@@ -35,10 +35,12 @@ class LiveView:
         self.history: deque[str] = deque(maxlen=8)
         self.counts: dict[str, int] = {}
         self.connected = False
+        self._unreachable = False  # said once, not at every retry
         self.new_lines: list[str] = []
         self.client = make_client(broker, client_id)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.connect_async(**connect_kwargs(broker))
         self.client.loop_start()  # paho's thread, with paho's reconnect: a broker restart is survived
@@ -48,6 +50,7 @@ class LiveView:
             self._note(f"broker {self.broker} refused the connection: {reason_code}")
             return
         self.connected = True
+        self._unreachable = False
         client.subscribe(f"{self.prefix}/#", qos=1)
         self._note(f"connected to {self.broker}, watching {self.prefix}/#")
 
@@ -55,6 +58,11 @@ class LiveView:
         if self.connected:
             self._note(f"lost the broker {self.broker} ({reason_code}); reconnecting")
         self.connected = False
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._unreachable:
+            self._unreachable = True
+            self._note(f"cannot reach the broker {self.broker}; retrying")
 
     def _note(self, text: str) -> None:
         with self.lock:

@@ -124,3 +124,12 @@ async def test_watch_shows_a_raised_alarm_within_2s(tmp_path, mosquitto, collect
         for w in watchers:
             w.stop()
         await sim.stop()
+
+
+def test_watch_with_a_broken_file_says_why_and_exits_2(tmp_path):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "gw.yaml"
+    path.write_text("gateway:\n  id: gw1\nupstream:\n  port: nine\n")
+    result = run_cli("watch", "-c", str(path), "--plain", "--duration", "5")
+    assert result.returncode == 2 and f"{path}:4: upstream.port: " in result.stderr, result.stderr
