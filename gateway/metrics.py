@@ -28,7 +28,7 @@ log = logs.get("gateway.metrics")
 
 SCRAPE_TIMEOUT = 3.0  # seconds a scrape waits for the event loop to hand over the values
 UPSTREAM = "default"  # the `upstream` label of today's single upstream; named upstreams add more
-_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-z]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Za-z:.%]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -123,13 +123,16 @@ class _Collector:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            out = asyncio.run_coroutine_threadsafe(self._read(), self.loop).result(SCRAPE_TIMEOUT)
-            responsive = 1
+            future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
+        except RuntimeError:  # the loop has closed: the daemon is stopping
+            future = None
+        try:
+            out = future.result(SCRAPE_TIMEOUT) if future else []
+            responsive = int(future is not None)
         except TimeoutError:
+            future.cancel()
             out, responsive = [], 0
             log.warning("metrics.loop_unresponsive", waited_s=SCRAPE_TIMEOUT)
-        except RuntimeError:  # the loop has closed: the daemon is stopping
-            out, responsive = [], 0
         except Exception:  # noqa: BLE001 - a scrape must never take anything down
             log.exception("metrics.collect_failed")
             out, responsive = [], 1
