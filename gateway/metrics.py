@@ -122,9 +122,11 @@ class _Collector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
+        read = self._read()
         try:
-            future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
+            future = asyncio.run_coroutine_threadsafe(read, self.loop)
         except RuntimeError:  # the loop has closed: the daemon is stopping
+            read.close()
             future = None
         try:
             out = future.result(SCRAPE_TIMEOUT) if future else []

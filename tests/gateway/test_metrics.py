@@ -116,3 +116,12 @@ def test_the_daemon_serves_metrics_and_sigterm_closes_them(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     assert "metrics.stopped" in (tmp_path / "daemon.log").read_text()
+
+
+def test_a_scrape_after_the_loop_closed_reports_it_unresponsive():
+    from gateway.metrics import _Collector
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    families = list(_Collector(app=None, loop=loop).collect())
+    assert [(f.name, f.samples[0].value) for f in families] == [("edge_gateway_event_loop_responsive", 0)]
