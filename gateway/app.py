@@ -21,7 +21,8 @@ from gateway.analytics import AnalyticsEngine
 from gateway.backoff import Backoff
 from gateway.buffer import Buffer
 from gateway.config import GatewayConfig
-from gateway.health import DeviceHealth, Notifier
+from gateway.health import DeviceHealth, LoopLag, Notifier
+from gateway.metrics import Exporter, MetricsError
 from gateway.model import Record, Sample, Waveform, iso_ts
 from gateway.upstream import Upstream
 from rules.engine import RuleEngine
@@ -51,6 +52,7 @@ class Pipeline:
             client_id=cfg.client_id, started_at=started_at,
             on_connected=self._on_connected, on_command=app.command,
         )
+        self.loop_lag = LoopLag()
         self._stop = asyncio.Event()
         self._final = True  # False when a reload retires this pipeline: the gateway stays online
         self._acked_at_last_health = (time.monotonic(), 0)
@@ -102,6 +104,7 @@ class Pipeline:
                 tg.create_task(self._tick_loop(), name="rules.tick"),
                 tg.create_task(self._summary_loop(), name="analytics.summaries"),
                 tg.create_task(self._health_loop(), name="health.loop"),
+                tg.create_task(self.loop_lag.run(), name="health.loop_lag"),
             ]
             inputs = [tg.create_task(self._supervise(d), name=f"driver.{d.config.name}") for d in self.drivers]
             await self._stop.wait()
@@ -222,6 +225,7 @@ class Pipeline:
             "queue": self.queue.qsize(),
             "analyses": self.analytics.stats(),
             "rules": self.rules.health(),
+            "loop_lag": self.loop_lag.to_dict(),
         }
 
 
@@ -246,6 +250,7 @@ class App:
         self._stopping = asyncio.Event()
         self._pending: GatewayConfig | None = None
         self._reload = asyncio.Event()
+        self.metrics = Exporter(self)
 
     # ----- signals and commands -----
 
@@ -308,6 +313,11 @@ class App:
     # ----- lifetime -----
 
     async def run(self) -> int:
+        try:
+            self.metrics.apply(self.cfg.metrics)
+        except MetricsError as exc:
+            log.error("metrics.listen_failed", error=str(exc), hint="nothing was started")
+            return 2
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
@@ -333,6 +343,7 @@ class App:
                         old, self.cfg = self.cfg, self._pending or self.cfg
                         if old.buffer != self.cfg.buffer or old.gateway.state_dir != self.cfg.gateway.state_dir:
                             log.warning("config.reload_partial", hint="buffer settings change at the next restart")
+                        self.metrics.reload(self.cfg.metrics)
                         log.info("config.reloaded", file=self.config_path, devices=len(self.cfg.devices),
                                  rules=len(self.cfg.rules), analyses=len(self.cfg.analyses))
                     elif running.done() and not self._stopping.is_set():
@@ -342,6 +353,7 @@ class App:
         finally:
             if self._rebirth_due is not None:
                 self._rebirth_due.cancel()  # the buffer is closing: too late for a merged rebirth
+            self.metrics.close()  # before the buffer: a scrape reads it
             buffer.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

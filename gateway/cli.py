@@ -1,4 +1,4 @@
-"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo, discover."""
+"""`edge-gateway` / `python -m gateway`: run, check-config, buffer, simulate, demo, discover, watch."""
 
 from __future__ import annotations
 
@@ -148,6 +148,13 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_watch(args) -> int:
+    from gateway.watch import main as watch_main
+
+    cfg = _load(args.config)
+    return 2 if cfg is None else watch_main(cfg, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-gateway", description="Industrial IoT edge gateway")
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
@@ -197,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     discover.add_parser(sub)  # its options and logic: gateway/discover.py
+    p = sub.add_parser("watch", help="show live what a running gateway publishes upstream")
+    with_config(p)
+    p.add_argument("--plain", action="store_true", help="print one line per message (for a log) instead of a screen")
+    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    p.set_defaults(func=cmd_watch)
     return parser
 
 

@@ -22,6 +22,7 @@ import drivers
 import rules
 from drivers.base import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.metrics import MetricsConfig
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
 from rules.base import REGISTRY as RULE_REGISTRY
 
@@ -85,6 +86,7 @@ class GatewayConfig(BaseSettings):
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
     analyses: list[AnalysisConfig] = Field(default_factory=list)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+    metrics: MetricsConfig | None = Field(None, description="Prometheus /metrics; off when absent")
     _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings
 
     @property

@@ -2,28 +2,25 @@
 
 Starts a Modbus TCP press, an OPC UA oven and an MQTT vibration sensor whose bearing develops an
 outer-race fault, an embedded MQTT broker (amqtt, the `demo` extra) unless `--broker` is given,
-and the gateway with `config/demo.yaml`; then shows what arrives upstream, refreshed in place.
+and the gateway with `config/demo.yaml`; then shows what arrives upstream, refreshed in place
+(the view of `gateway.view`, the same as `edge-gateway watch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from gateway import logs
+from gateway import logs, view as live
 
 DEMO_YAML_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "config" / "demo.yaml",  # a checkout / editable install
@@ -69,146 +66,6 @@ class EmbeddedBroker:
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._broker.shutdown(), 5)
-
-
-class Upstream:
-    """What the control room would see: a subscriber to the gateway's topics."""
-
-    def __init__(self, host: str, port: int, prefix: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.prefix = prefix
-        self.lock = threading.Lock()
-        self.latest: dict[str, dict[str, Any]] = {}
-        self.alarms: dict[str, dict[str, Any]] = {}
-        self.history: deque[str] = deque(maxlen=8)
-        self.counts: dict[str, int] = {}
-        self.new_lines: list[str] = []
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"demo-view-{os.getpid()}", protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(f"{prefix}/#", qos=1)
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 2)
-        self.client.connect_async(host, port)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        try:
-            payload = json.loads(msg.payload)
-        except ValueError:
-            return
-        sub = msg.topic[len(self.prefix) + 1:]
-        kind = sub.split("/", 1)[0]
-        with self.lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            self.latest[sub] = payload
-            stamp = time.strftime("%H:%M:%S")
-            if kind == "alarms":
-                self.alarms[sub.split("/", 1)[1]] = payload
-                zone = f" zone {payload['zone']}" if payload.get("zone") else ""
-                line = (f"{stamp} ALARM {payload.get('rule')} {payload.get('state', '?').upper()} "
-                        f"[{payload.get('severity')}]{zone} value={_fmt(payload.get('value'))} "
-                        f"limit={_fmt(payload.get('limit'))}")
-                self.history.appendleft(line)
-                self.new_lines.append(line)
-            elif kind == "events":
-                what = payload.get("result") or payload.get("state")
-                if what == "PASS":
-                    return  # passes are counted in health; the list is for what needs a look
-                line = f"{stamp} event {payload.get('rule')} {what} value={_fmt(payload.get('value'))}" + (
-                    f" duration={_fmt(payload.get('duration_s'))}s" if payload.get("duration_s") is not None else "")
-                self.history.appendleft(line)
-                self.new_lines.append(line)
-            elif kind == "features":
-                bearing = payload.get("bearing") or {}
-                self.new_lines.append(
-                    f"{stamp} features {sub.split('/', 1)[1]}: rms={_fmt(payload.get('rms'))} g "
-                    f"velocity={_fmt(payload.get('velocity_rms'))} mm/s kurtosis={_fmt(payload.get('kurtosis'))} "
-                    f"dominant={bearing.get('dominant')}")
-            elif kind == "data":
-                tags = payload.get("tags", {})
-                self.new_lines.append(f"{stamp} data {sub.split('/', 1)[1]}: " + ", ".join(
-                    f"{t}={_fmt(v.get('last'))}{v.get('unit') or ''}" for t, v in list(tags.items())[:6]))
-
-    def take_lines(self) -> list[str]:
-        with self.lock:
-            lines, self.new_lines = self.new_lines, []
-        return lines
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        with contextlib.suppress(Exception):
-            self.client.disconnect()
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return "-" if value is None else str(value)
-
-
-def iso_boundaries(cfg) -> dict[str, tuple[float, float, float]]:
-    """analysis name -> ISO zone boundaries of the iso10816 rule watching its velocity_rms."""
-    out = {}
-    for rule in cfg.rules:
-        if rule.type == "iso10816" and rule.input.endswith(".velocity_rms"):
-            out[rule.input.split(".", 1)[0]] = rule.boundaries()
-    return out
-
-
-def render(view: Upstream, broker: str, started: float, duration: float | None,
-           zones: dict[str, tuple[float, float, float]]) -> str:
-    from rules.iso10816 import zone_of
-
-    with view.lock:
-        latest = dict(view.latest)
-        alarms = dict(view.alarms)
-        history = list(view.history)
-        counts = dict(view.counts)
-    health = latest.get("health", {})
-    status = latest.get("status", {})
-    buf = health.get("buffer", {})
-    up = health.get("upstream", {})
-    left = f", stops in {max(0, duration - (time.time() - started)):.0f}s" if duration else ", Ctrl-C to stop"
-    out = [
-        f"edge-gateway demo - broker mqtt://{broker} - running {time.time() - started:.0f}s{left}",
-        f"gateway {status.get('gateway', '-')}: {status.get('state', 'starting')} | buffer {buf.get('depth', '-')} rows"
-        f" | published {up.get('published', 0)} ({up.get('publish_rate', 0)}/s) | dropped {health.get('dropped', 0)}"
-        f" | received {sum(counts.values())} messages",
-        "",
-        "DEVICES        connected  errors  last_ok",
-    ]
-    for name, dev in sorted(health.get("devices", {}).items()):
-        out.append(f"  {name:<12} {str(dev.get('connected')):<10} {dev.get('errors', 0):<7} {dev.get('last_ok') or '-'}")
-    out += ["", "TAG SUMMARIES  (last / mean / min / max, quality)"]
-    for sub, payload in sorted(latest.items()):
-        if sub.startswith("data/"):
-            for tag, s in payload.get("tags", {}).items():
-                out.append(f"  {sub[5:] + '.' + tag:<24} {_fmt(s.get('last')):>9} {_fmt(s.get('mean')):>9} "
-                           f"{_fmt(s.get('min')):>9} {_fmt(s.get('max')):>9} {s.get('unit') or '':<5} {s.get('quality')}")
-    out += ["", "VIBRATION"]
-    for sub, f in sorted(latest.items()):
-        if sub.startswith("features/"):
-            bearing = f.get("bearing") or {}
-            bpfo = bearing.get("bpfo") or {}
-            out.append(f"  {sub[9:]}: rms {_fmt(f.get('rms'))} g, peak {_fmt(f.get('peak'))} g, crest "
-                       f"{_fmt(f.get('crest_factor'))}, kurtosis {_fmt(f.get('kurtosis'))}")
-            velocity, bounds = f.get("velocity_rms"), zones.get(sub[9:])
-            zone = zone_of(velocity, bounds) if velocity is not None and bounds else "-"
-            out.append(f"    velocity {_fmt(velocity)} mm/s -> ISO 10816-3 zone {zone}"
-                       f" | envelope BPFO {_fmt(bpfo.get('hz'))} Hz, SNR {_fmt(bpfo.get('snr_db'))} dB"
-                       f" | dominant defect: {bearing.get('dominant') or 'none'}")
-    for rule, counts in sorted((health.get("rules", {}).get("pass_fail") or {}).items()):
-        out.append(f"  test {rule}: pass {counts.get('pass')}, fail {counts.get('fail')}, yield {_pct(counts.get('yield'))}")
-    out += ["", "ALARMS"]
-    active = [a for a in alarms.values() if a.get("state") == "raised"]
-    if not active:
-        out.append("  none active")
-    for a in sorted(active, key=lambda a: a.get("rule", "")):
-        zone = f" zone {a['zone']}" if a.get("zone") else ""
-        out.append(f"  {a.get('rule'):<22} {a.get('severity'):<9}{zone} value {_fmt(a.get('value'))} since {a.get('since')}")
-    out += ["", "RECENT ALARMS AND EVENTS"] + [f"  {h}" for h in history]
-    return "\n".join(out)
 
 
 async def _run(args) -> int:
@@ -260,24 +117,19 @@ async def _run(args) -> int:
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = config_mod.load(cfg_path)
     app = App(cfg, str(cfg_path))
-    view = Upstream(host, port, cfg.topic_prefix)
+    view = live.LiveView(cfg.upstream, f"demo-view-{os.getpid()}", cfg.topic_prefix)
     print(f"gateway: {cfg.gateway.id}, config {cfg_path}, log {state_dir / 'gateway.log'}", flush=True)
 
-    zones = iso_boundaries(cfg)
     started = time.time()
     gateway = asyncio.create_task(app.run(), name="demo.gateway")
 
-    async def screen() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if plain:
-                for line in view.take_lines():
-                    print(line, flush=True)
-            else:
-                sys.stdout.write("\x1b[H\x1b[2J" + render(view, f"{host}:{port}", started, args.duration, zones) + "\n")
-                sys.stdout.flush()
+    def title() -> str:
+        running = time.time() - started
+        left = f", stops in {max(0, args.duration - running):.0f}s" if args.duration else ", Ctrl-C to stop"
+        return f"edge-gateway demo - broker mqtt://{host}:{port} - running {running:.0f}s{left}"
 
-    screen_task = asyncio.create_task(screen(), name="demo.screen")
+    screen_task = asyncio.create_task(live.show(view, plain=plain, title=title, zones=live.iso_boundaries(cfg)),
+                                      name="demo.screen")
     try:
         if args.duration:
             done, _ = await asyncio.wait({gateway}, timeout=args.duration)
@@ -307,6 +159,3 @@ def main(args) -> int:
     except KeyboardInterrupt:
         return 0
 
-
-def _pct(value: Any) -> str:
-    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "-"

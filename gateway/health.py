@@ -6,9 +6,11 @@ between only count.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +106,33 @@ class DeviceHealth:
         }
         out.update(self.extra)
         return out
+
+
+class LoopLag:
+    """How late the event loop runs a timer: a sleep's overshoot, measured twice a second.
+
+    A lag of tens of milliseconds means something blocks the loop (a long computation, a slow
+    disk under SQLite); `max_s` is the worst of the last minute, since single spikes matter."""
+
+    INTERVAL = 0.5
+
+    def __init__(self) -> None:
+        self.last_s = 0.0
+        self._recent: deque[float] = deque(maxlen=int(60 / self.INTERVAL))
+
+    @property
+    def max_s(self) -> float:
+        return max(self._recent, default=0.0)
+
+    async def run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.INTERVAL)
+            self.last_s = max(0.0, time.monotonic() - before - self.INTERVAL)
+            self._recent.append(self.last_s)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"last_ms": round(self.last_s * 1000, 3), "max_ms": round(self.max_s * 1000, 3)}
 
 
 class Notifier:

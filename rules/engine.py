@@ -22,7 +22,7 @@ from typing import Any
 from gateway import logs
 from gateway.model import Clock, Record, Sample, iso_ts
 from rules.alarm import Alarm
-from rules.base import REGISTRY, Handler, RuleConfig
+from rules.base import REGISTRY, SEVERITY_RANK, Handler, RuleConfig
 
 log = logs.get("rules.engine")
 
@@ -153,8 +153,10 @@ class RuleEngine:
         return fields
 
     def health(self) -> dict[str, Any]:
-        active = sorted(a.name for h in self._handlers for a in h.alarms() if a.active)
-        out: dict[str, Any] = {"alarms_active": len(active), "active": active}
+        active = [a for h in self._handlers for a in h.alarms() if a.active]
+        by_severity = {s: sum(1 for a in active if a.severity == s) for s in SEVERITY_RANK}
+        out: dict[str, Any] = {"alarms_active": len(active), "active": sorted(a.name for a in active),
+                               "by_severity": by_severity}
         # Every rule type with a health section has it, empty when no rule of that type is set.
         out.update({t.health: {} for t in REGISTRY.values() if t.health is not None})
         for handler in self._handlers:

@@ -145,6 +145,7 @@ def test_health_counts_active_alarms():
     b.run(5)
     health = b.engine.health()
     assert health["alarms_active"] == 2 and health["active"] == ["spindle_overtemp", "x"]
+    assert health["by_severity"] == {"info": 0, "warning": 1, "critical": 1}
     assert health["pass_fail"] == {}
     json.dumps(health, allow_nan=False)
 
