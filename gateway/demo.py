@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from gateway import logs
+from gateway.model import split_source
 
 DEMO_YAML_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "config" / "demo.yaml",  # a checkout / editable install
@@ -152,7 +153,7 @@ def iso_boundaries(cfg) -> dict[str, tuple[float, float, float]]:
     out = {}
     for rule in cfg.rules:
         if rule.type == "iso10816" and rule.input.endswith(".velocity_rms"):
-            out[rule.input.split(".", 1)[0]] = rule.boundaries()
+            out[split_source(rule.input)[0]] = rule.boundaries()
     return out
 
 
