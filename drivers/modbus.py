@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -59,7 +60,10 @@ class ModbusTag(StrictModel):
     table: Table = "holding"
     address: int = Field(ge=0, le=65535)  # zero-based, as on the wire
     type: DataType = "uint16"
-    count: int | None = Field(None, ge=1, le=MAX_REGISTERS)  # registers of a string (2 chars each)
+    count: int | None = Field(None, ge=1, le=65536, description=(
+        "string: its length in registers (2 characters each); any other type: a range of `count` tags "
+        "`{name}_0` .. `{name}_{count-1}`, `stride` registers (or bits) apart"))
+    stride: int | None = Field(None, ge=1, description="range: address step between its tags; default the type's width")
     byte_order: Order = "big"
     word_order: Order = "big"  # big: most significant register first
     scale: float = 1.0
@@ -73,9 +77,35 @@ class ModbusTag(StrictModel):
             raise ValueError("coil and discrete tables hold type bool; bool lives only in coil or discrete")
         if self.type == "string" and self.count is None:
             raise ValueError("type string needs count (registers, two characters each)")
-        if self.address + self.width - 1 > 65535:
-            raise ValueError("tag runs past address 65535")
+        if self.stride is not None and not self.is_range:
+            raise ValueError("stride applies to a range: a tag with count and a type other than string")
+        if self.is_range and self.step < self.width:
+            raise ValueError(f"stride {self.step} is less than the width of a {self.type} ({self.width}): "
+                             "the tags of the range would overlap")
+        if self.is_range and len(f"{self.name}_{self.count - 1}") > 64:
+            raise ValueError(f"the range's last tag name {self.name}_{self.count - 1} is longer than 64 characters")
+        last = self.address + (self.count - 1) * self.step if self.is_range else self.address
+        if last + self.width - 1 > 65535:
+            raise ValueError("tag runs past address 65535" if last == self.address
+                             else f"the range's last tag ({self.name}_{self.count - 1} at {last}) runs past address 65535")
         return self
+
+    @property
+    def is_range(self) -> bool:
+        return self.count is not None and self.type != "string"
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.width
+
+    def expanded(self) -> list["ModbusTag"]:
+        """A range as its tags `{name}_{i}`, i from 0, at consecutive addresses; any other tag: itself."""
+        if not self.is_range:
+            return [self]
+        assert self.count is not None
+        return [self.model_copy(update={"name": f"{self.name}_{i}", "address": self.address + i * self.step,
+                                        "count": None, "stride": None})
+                for i in range(self.count)]
 
     @property
     def width(self) -> int:
@@ -119,13 +149,32 @@ class ModbusConfig(DeviceConfig):
     max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
     tags: list[ModbusTag] = Field(min_length=1)
 
+    @field_validator("tags")
+    @classmethod
+    def _expand_ranges(cls, tags: list[ModbusTag]) -> list[ModbusTag]:
+        """Ranges become their tags; every tag name, made by a range or written out, is unique."""
+        made_by: dict[str, int] = {}  # tag name -> index of the entry that made it
+        expanded: list[ModbusTag] = []
+        problems: list[InitErrorDetails] = []
+        for i, entry in enumerate(tags):
+            mine = entry.expanded()
+            clash = next((t.name for t in mine if t.name in made_by), None)
+            if clash is not None:
+                first = tags[made_by[clash]]
+                what = f"the range {first.name!r} (count {first.count})" if first.is_range else "the tag"
+                message = f"duplicate tag name {clash!r}: also made by {what} at tags.{made_by[clash]}"
+                problems.append(InitErrorDetails(type=PydanticCustomError("value_error", message),
+                                                 loc=(i, "name"), input=entry.name))
+            made_by.update((t.name, i) for t in mine if t.name not in made_by)
+            expanded += mine
+        if problems:  # at the entry's own line (raised as a ValidationError: a ValueError has no location)
+            raise ValidationError.from_exception_data("ModbusConfig.tags", problems)
+        return expanded
+
     @model_validator(mode="after")
     def _check(self) -> "ModbusConfig":
         if self.transport == "rtu" and self.serial is None:
             raise ValueError("transport rtu needs serial: {port, baudrate, parity, stopbits, bytesize}")
-        names = [t.name for t in self.tags]
-        if len(names) != len(set(names)):
-            raise ValueError("tag names must be unique within a device")
         for tag in self.tags:
             limit = self.max_bits if tag.table in _BIT_TABLES else self.max_registers
             if tag.width > limit:
