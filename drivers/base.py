@@ -8,13 +8,15 @@ discriminated union of device configs from this registry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.backoff import Backoff
 from gateway.health import DeviceHealth
-from gateway.model import Sample, Waveform
+from gateway.model import Sample, Waveform, source_of
 from gateway.schema import Duration, Name, StrictModel
 
 # How a driver hands over what it read: one Sample, one Waveform, or a list of Samples read
@@ -50,24 +52,51 @@ class Driver(Protocol):
         """Connect, read, emit; reconnect with back-off on failure; return only when cancelled."""
 
 
+@dataclass
+class DriverContext:
+    """What the drivers of one pipeline share; the pipeline owns it and hands it to every factory.
+
+    `shared` holds the resources several devices use at once (the client of one serial line), by
+    a key of the driver's choosing. Its values are weak: a resource goes when its last device
+    lets go of it.
+    """
+
+    shared: "weakref.WeakValueDictionary[Any, Any]" = field(default_factory=weakref.WeakValueDictionary)
+
+
+Factory = Callable[[DeviceConfig, DeviceHealth, DriverContext], Driver]
+
+
 @dataclass(frozen=True)
 class DriverType:
     name: str
     config: type[DeviceConfig]
-    factory: Callable[[DeviceConfig, DeviceHealth], Driver]
+    factory: Factory
 
 
 REGISTRY: dict[str, DriverType] = {}
 
 
-def register(name: str, config: type[DeviceConfig], factory: Callable[[DeviceConfig, DeviceHealth], Driver]) -> None:
+def register(name: str, config: type[DeviceConfig], factory: Factory) -> None:
     if name in REGISTRY:
         raise RuntimeError(f"driver {name!r} registered twice")
     REGISTRY[name] = DriverType(name, config, factory)
 
 
-def create(config: DeviceConfig) -> Driver:
-    return REGISTRY[config.driver].factory(config, DeviceHealth(config.name))
+def create(config: DeviceConfig, context: DriverContext) -> Driver:
+    return REGISTRY[config.driver].factory(config, DeviceHealth(config.name), context)
+
+
+async def mark_bad(config: DeviceConfig, emit: Emit, tags: Iterable[str] | None = None) -> None:
+    """A BAD sample, now, for every scalar tag of the device (or for `tags` only): consumers must
+    see that the values stopped being true. A waveform tag gets none: there is no block to send,
+    and its analysis sees the missing time as a gap."""
+    units = config.tag_units()
+    waveforms = config.waveform_tags()
+    now = time.time()
+    for tag in units if tags is None else tags:
+        if tag not in waveforms:
+            await emit(Sample.bad(source_of(config.name, tag), now, units[tag]))
 
 
 class DriverError(Exception):

@@ -11,21 +11,21 @@ import asyncio
 import math
 import struct
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from drivers.base import (DeviceConfig, DeviceDisconnected, DriverError, Emit, check_cancelled, every, register,
-                          supervise)
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, check_cancelled, every,
+                          mark_bad, register, supervise)
 from gateway import logs
 from gateway.health import DeviceHealth
-from gateway.model import Quality, Sample
+from gateway.model import Quality, Sample, source_of
 from gateway.schema import Duration, Name, StrictModel
 
 log = logs.get("drivers.modbus")
@@ -48,7 +48,11 @@ _BIT_TABLES = ("coil", "discrete")
 
 
 class ModbusError(DriverError):
-    """The device answered with a Modbus exception or did not answer one request."""
+    """The device answered one request with a Modbus exception (or did not answer: NoAnswer)."""
+
+
+class NoAnswer(ModbusError):
+    """One request went unanswered while the link stayed up: a device error as well as bad values."""
 
 
 class ModbusTag(StrictModel):
@@ -56,7 +60,10 @@ class ModbusTag(StrictModel):
     table: Table = "holding"
     address: int = Field(ge=0, le=65535)  # zero-based, as on the wire
     type: DataType = "uint16"
-    count: int | None = Field(None, ge=1, le=MAX_REGISTERS)  # registers of a string (2 chars each)
+    count: int | None = Field(None, ge=1, le=65536, description=(
+        "string: its length in registers (2 characters each); any other type: a range of `count` tags "
+        "`{name}_0` .. `{name}_{count-1}`, `stride` registers (or bits) apart"))
+    stride: int | None = Field(None, ge=1, description="range: address step between its tags; default the type's width")
     byte_order: Order = "big"
     word_order: Order = "big"  # big: most significant register first
     scale: float = 1.0
@@ -70,9 +77,35 @@ class ModbusTag(StrictModel):
             raise ValueError("coil and discrete tables hold type bool; bool lives only in coil or discrete")
         if self.type == "string" and self.count is None:
             raise ValueError("type string needs count (registers, two characters each)")
-        if self.address + self.width - 1 > 65535:
-            raise ValueError("tag runs past address 65535")
+        if self.stride is not None and not self.is_range:
+            raise ValueError("stride applies to a range: a tag with count and a type other than string")
+        if self.is_range and self.step < self.width:
+            raise ValueError(f"stride {self.step} is less than the width of a {self.type} ({self.width}): "
+                             "the tags of the range would overlap")
+        if self.is_range and len(f"{self.name}_{self.count - 1}") > 64:
+            raise ValueError(f"the range's last tag name {self.name}_{self.count - 1} is longer than 64 characters")
+        last = self.address + (self.count - 1) * self.step if self.is_range else self.address
+        if last + self.width - 1 > 65535:
+            raise ValueError("tag runs past address 65535" if last == self.address
+                             else f"the range's last tag ({self.name}_{self.count - 1} at {last}) runs past address 65535")
         return self
+
+    @property
+    def is_range(self) -> bool:
+        return self.count is not None and self.type != "string"
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.width
+
+    def expanded(self) -> list["ModbusTag"]:
+        """A range as its tags `{name}_{i}`, i from 0, at consecutive addresses; any other tag: itself."""
+        if not self.is_range:
+            return [self]
+        assert self.count is not None
+        return [self.model_copy(update={"name": f"{self.name}_{i}", "address": self.address + i * self.step,
+                                        "count": None, "stride": None})
+                for i in range(self.count)]
 
     @property
     def width(self) -> int:
@@ -116,13 +149,32 @@ class ModbusConfig(DeviceConfig):
     max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
     tags: list[ModbusTag] = Field(min_length=1)
 
+    @field_validator("tags")
+    @classmethod
+    def _expand_ranges(cls, tags: list[ModbusTag]) -> list[ModbusTag]:
+        """Ranges become their tags; every tag name, made by a range or written out, is unique."""
+        made_by: dict[str, int] = {}  # tag name -> index of the entry that made it
+        expanded: list[ModbusTag] = []
+        problems: list[InitErrorDetails] = []
+        for i, entry in enumerate(tags):
+            mine = entry.expanded()
+            clash = next((t.name for t in mine if t.name in made_by), None)
+            if clash is not None:
+                first = tags[made_by[clash]]
+                what = f"the range {first.name!r} (count {first.count})" if first.is_range else "the tag"
+                message = f"duplicate tag name {clash!r}: also made by {what} at tags.{made_by[clash]}"
+                problems.append(InitErrorDetails(type=PydanticCustomError("value_error", message),
+                                                 loc=(i, "name"), input=entry.name))
+            made_by.update((t.name, i) for t in mine if t.name not in made_by)
+            expanded += mine
+        if problems:  # at the entry's own line (raised as a ValidationError: a ValueError has no location)
+            raise ValidationError.from_exception_data("ModbusConfig.tags", problems)
+        return expanded
+
     @model_validator(mode="after")
     def _check(self) -> "ModbusConfig":
         if self.transport == "rtu" and self.serial is None:
             raise ValueError("transport rtu needs serial: {port, baudrate, parity, stopbits, bytesize}")
-        names = [t.name for t in self.tags]
-        if len(names) != len(set(names)):
-            raise ValueError("tag names must be unique within a device")
         for tag in self.tags:
             limit = self.max_bits if tag.table in _BIT_TABLES else self.max_registers
             if tag.width > limit:
@@ -134,34 +186,14 @@ class ModbusConfig(DeviceConfig):
 # Pure functions: decoding and request planning
 
 
-def registers_to_bytes(registers: Sequence[int], byte_order: Order = "big", word_order: Order = "big") -> bytes:
-    """The bytes of a value spread over registers, most significant first."""
-    regs = list(registers) if word_order == "big" else list(reversed(registers))
-    return b"".join(int(r).to_bytes(2, byte_order) for r in regs)
-
-
 def bytes_to_registers(data: bytes, byte_order: Order = "big", word_order: Order = "big") -> list[int]:
     regs = [int.from_bytes(data[i:i + 2], byte_order) for i in range(0, len(data), 2)]
     return regs if word_order == "big" else list(reversed(regs))
 
 
-def decode(registers: Sequence[int], type: str, byte_order: Order = "big", word_order: Order = "big") -> int | float | str:
-    """Registers as the device sent them -> the raw value (before scale and offset).
-
-    For strings the word order is not applied: characters are stored in address order.
-    """
-    if type == "string":
-        data = registers_to_bytes(registers, byte_order, "big")
-        return data.split(b"\x00", 1)[0].decode("latin-1").rstrip()
-    code, width = _FORMATS[type]
-    if len(registers) != width:
-        raise ValueError(f"{type} needs {width} registers, got {len(registers)}")
-    return struct.unpack(">" + code, registers_to_bytes(registers, byte_order, word_order))[0]
-
-
 def encode(value: int | float | str, type: str, byte_order: Order = "big", word_order: Order = "big",
            count: int | None = None) -> list[int]:
-    """The inverse of `decode`, used by the simulator and by tests."""
+    """Registers as a device holds `value`: the inverse of `decode`, used by the simulator and by tests."""
     if type == "string":
         data = str(value).encode("latin-1")[: 2 * (count or 1)].ljust(2 * (count or 1), b"\x00")
         return bytes_to_registers(data, byte_order, "big")
@@ -169,26 +201,40 @@ def encode(value: int | float | str, type: str, byte_order: Order = "big", word_
     return bytes_to_registers(struct.pack(">" + code, value), byte_order, word_order)
 
 
-def scaled(raw: int | float | str | bool, tag: ModbusTag) -> int | float | str | bool:
-    if isinstance(raw, (bool, str)) or (tag.scale == 1.0 and tag.offset == 0.0):
-        return raw
-    return raw * tag.scale + tag.offset
+def decode(registers: Sequence[int], type: str, byte_order: Order = "big", word_order: Order = "big") -> int | float | str:
+    """Registers as the device sent them -> the raw value (before scale and offset), by the same
+    compiled decoder the poll loop uses. For strings the word order is not applied: characters
+    are stored in address order."""
+    if type != "string" and len(registers) != _FORMATS[type][1]:
+        raise ValueError(f"{type} needs {_FORMATS[type][1]} registers, got {len(registers)}")
+    tag = ModbusTag(name="value", address=0, type=type, byte_order=byte_order, word_order=word_order,
+                    count=max(1, len(registers)) if type == "string" else None)
+    return compile_decoder(tag, 0)(registers, *_packed(registers))
+
+
+def _packed(registers: Sequence[int]) -> tuple[bytes, bytes]:
+    """The registers of a response as big-endian bytes, and with the bytes of each swapped."""
+    n = len(registers)
+    return struct.pack(f">{n}H", *registers), struct.pack(f"<{n}H", *registers)
 
 
 TagDecoder = Callable[[Sequence[int], bytes, bytes], Any]
 
 
 def compile_decoder(tag: ModbusTag, off: int) -> TagDecoder:
-    """A decoder for one tag at register offset `off` of a response: equivalent to `decode` +
-    `scaled`, but reading from the response packed once per request (the poll loop's hot path).
-
-    It is called with (registers, big-endian bytes of the registers, byte-swapped bytes).
+    """The decoder of one tag at register offset `off` of a response, scale and offset applied:
+    the one decode path. It reads from the response packed once per request (`_packed`), and is
+    called with (registers, big-endian bytes of the registers, byte-swapped bytes).
     """
     if tag.type == "bool":
         return lambda values, be, le: bool(values[off])
     if tag.type == "string":
-        width = tag.width
-        return lambda values, be, le: decode(values[off:off + width], "string", tag.byte_order)
+        first, last = 2 * off, 2 * (off + tag.width)
+        swapped = tag.byte_order == "little"
+
+        def text(values: Sequence[int], be: bytes, le: bytes) -> str:
+            return (le if swapped else be)[first:last].split(b"\x00", 1)[0].decode("latin-1").rstrip()
+        return text
     code, width = _FORMATS[tag.type]
     unpack_from = struct.Struct(">" + code).unpack_from
     scale, offset = tag.scale, tag.offset
@@ -255,11 +301,7 @@ def plan_reads(tags: Sequence[ModbusTag], *, max_gap: int = 8, max_bit_gap: int 
 def decode_request(request: ReadRequest, values: Sequence[int] | Sequence[bool]) -> list[tuple[ModbusTag, Any, str | None]]:
     """(tag, value, problem) for every tag of a request, given the registers or bits read."""
     out: list[tuple[ModbusTag, Any, str | None]] = []
-    if request.table in _BIT_TABLES:
-        be = le = b""
-    else:
-        n = len(values)
-        be, le = struct.pack(f">{n}H", *values), struct.pack(f"<{n}H", *values)
+    be, le = (b"", b"") if request.table in _BIT_TABLES else _packed(values)
     for tag, decoder, floating in request.decoders():
         try:
             value = decoder(values, be, le)
@@ -312,12 +354,9 @@ class TcpLink:
 class SerialBus:
     """The single owner of one serial port, shared by every device on that RS-485 line.
 
-    Instances live in the class-level `_buses` WeakValueDictionary keyed by (port, event loop): it
-    is the one piece of shared state, because devices are built independently from config yet
-    must share the port. The bus closes when its last device lets go of it.
+    Devices are built independently from config yet must share the port, so the bus lives in the
+    pipeline's `DriverContext.shared`, keyed by port. It closes when its last device lets go of it.
     """
-
-    _buses: "weakref.WeakValueDictionary[tuple[str, int], SerialBus]" = weakref.WeakValueDictionary()
 
     def __init__(self, serial: SerialConfig, timeout: float, retries: int) -> None:
         self.settings = serial
@@ -331,12 +370,11 @@ class SerialBus:
                                               reconnect_delay=0, name=f"rtu-{serial.port}")
 
     @classmethod
-    def for_port(cls, serial: SerialConfig, timeout: float, retries: int) -> "SerialBus":
-        key = (serial.port, id(asyncio.get_running_loop()))
-        bus = cls._buses.get(key)
+    def for_port(cls, context: DriverContext, serial: SerialConfig, timeout: float, retries: int) -> "SerialBus":
+        key = ("modbus.serial", serial.port)
+        bus = context.shared.get(key)
         if bus is None:
-            bus = cls(serial, timeout, retries)
-            cls._buses[key] = bus
+            bus = context.shared[key] = cls(serial, timeout, retries)
         elif bus.settings != serial:
             log.warning("modbus.serial_settings_differ", port=serial.port, used=bus.settings.model_dump())
         return bus
@@ -387,13 +425,14 @@ _READS = {
 
 
 class ModbusDriver:
-    def __init__(self, config: ModbusConfig, health: DeviceHealth) -> None:
+    def __init__(self, config: ModbusConfig, health: DeviceHealth, context: DriverContext | None = None) -> None:
         self.config = config
         self.health = health
+        self.context = context or DriverContext()
         self.plan = plan_reads(config.tags, max_gap=config.max_gap, max_bit_gap=config.max_bit_gap,
                                max_registers=config.max_registers, max_bits=config.max_bits)
         self.health.extra["requests_per_poll"] = len(self.plan)
-        self._sources = {t.name: f"{config.name}.{t.name}" for t in config.tags}
+        self._sources = {t.name: source_of(config.name, t.name) for t in config.tags}
         self._bad_tags: set[str] = set()  # so that healthy polls skip the health bookkeeping
 
     async def run(self, emit: Emit) -> None:
@@ -404,7 +443,7 @@ class ModbusDriver:
         cfg = self.config
         if cfg.transport == "rtu":
             assert cfg.serial is not None
-            return SerialBus.for_port(cfg.serial, cfg.timeout, cfg.retries)
+            return SerialBus.for_port(self.context, cfg.serial, cfg.timeout, cfg.retries)
         return TcpLink(cfg)
 
     async def _session(self, emit: Emit) -> None:
@@ -414,10 +453,7 @@ class ModbusDriver:
             try:
                 await every(self.config.poll_interval, lambda: self.poll(link, emit), self.health)
             except DeviceDisconnected:
-                # Consumers must see that the values stopped being true, once per outage.
-                now = time.time()
-                for tag in self.config.tags:
-                    await emit(Sample(f"{self.config.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
+                await mark_bad(self.config, emit)  # once per outage
                 raise
         finally:
             link.close()
@@ -437,7 +473,7 @@ class ModbusDriver:
         except ModbusException as exc:
             if not link.connected:
                 raise DeviceDisconnected(str(exc)) from None
-            raise ModbusError(f"no answer to {request.table}@{request.address}+{request.count}") from None
+            raise NoAnswer(f"no answer to {request.table}@{request.address}+{request.count}") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise DeviceDisconnected(f"{type(exc).__name__}: {exc}") from None
         if response.isError():
@@ -447,54 +483,36 @@ class ModbusDriver:
 
     async def poll(self, link: TcpLink | SerialBus, emit: Emit) -> None:
         """One pass over the read plan. A failed request marks only its own tags bad."""
-        device = self.config.name
         sources = self._sources
+        good = Quality.GOOD
         for request in self.plan:
             started = time.monotonic()
             try:
                 values = await self._read(link, request)
             except ModbusError as exc:
-                now = time.time()
                 self.health.bad_value(str(exc), key=f"read:{request.table}@{request.address}")
-                for tag, _ in request.tags:
-                    await emit(Sample(f"{device}.{tag.name}", None, now, Quality.BAD, tag.unit))
-                if "no answer" in str(exc):
+                await mark_bad(self.config, emit, [tag.name for tag, _ in request.tags])
+                if isinstance(exc, NoAnswer):
                     self.health.error(exc)
                 continue
             now = time.time()
             self.health.good_value(key=f"read:{request.table}@{request.address}")
             self.health.ok((time.monotonic() - started) * 1000.0, now=now)
-            if self._bad_tags or request.table in _BIT_TABLES:
-                await self._emit_checked(request, values, now, emit)
-                continue
-            # Hot path, all tags healthy so far: decode and emit in one pass, nothing else.
-            n = len(values)
-            be, le = struct.pack(f">{n}H", *values), struct.pack(f"<{n}H", *values)
-            good = Quality.GOOD
-            try:
-                decoded = [(tag, decoder(values, be, le), floating) for tag, decoder, floating in request.decoders()]
-            except (ValueError, IndexError, struct.error):
-                await self._emit_checked(request, values, now, emit)
-                continue
-            samples = []
-            for tag, value, floating in decoded:
-                if floating and (value != value or value in (math.inf, -math.inf)):
-                    await self._emit_checked(request, values, now, emit, only=tag)
-                    continue
-                samples.append(Sample(sources[tag.name], value, now, good, tag.unit))
-            await emit(samples)  # one hand-over per request, not per tag
+            decoded = decode_request(request, values)
+            if self._bad_tags or any(problem is not None for _, _, problem in decoded):
+                await self._emit_checked(decoded, now, emit)
+            else:  # the usual case: one hand-over per request, no per-tag bookkeeping
+                await emit([Sample(sources[tag.name], value, now, good, tag.unit) for tag, value, _ in decoded])
 
-    async def _emit_checked(self, request: ReadRequest, values: Sequence[int] | Sequence[bool], now: float,
-                            emit: Emit, only: ModbusTag | None = None) -> None:
+    async def _emit_checked(self, decoded: list[tuple[ModbusTag, Any, str | None]], now: float, emit: Emit) -> None:
+        """Tag by tag, counting a tag's problems in health and its recovery."""
         sources = self._sources
-        for tag, value, problem in decode_request(request, values):
-            if only is not None and tag is not only:
-                continue
+        for tag, value, problem in decoded:
             source = sources[tag.name]
             if problem is not None:
                 self._bad_tags.add(tag.name)
                 self.health.bad_value(problem, key=f"tag:{tag.name}")
-                await emit(Sample(source, None, now, Quality.BAD, tag.unit))
+                await emit(Sample.bad(source, now, tag.unit))
             else:
                 if tag.name in self._bad_tags:
                     self._bad_tags.discard(tag.name)
@@ -502,9 +520,9 @@ class ModbusDriver:
                 await emit(Sample(source, value, now, Quality.GOOD, tag.unit))
 
 
-def _factory(config: DeviceConfig, health: DeviceHealth) -> ModbusDriver:
+def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> ModbusDriver:
     assert isinstance(config, ModbusConfig)
-    return ModbusDriver(config, health)
+    return ModbusDriver(config, health, context)
 
 
 register("modbus", ModbusConfig, _factory)

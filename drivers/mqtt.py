@@ -26,10 +26,10 @@ import orjson
 import paho.mqtt.client as mqtt
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, register, supervise, until_lost
+from drivers.base import DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, register, supervise, until_lost
 from gateway import logs
 from gateway.health import DeviceHealth
-from gateway.model import Quality, Sample, Waveform
+from gateway.model import Quality, Sample, Waveform, source_of
 from gateway.mqttclient import Inbox, Session, SessionError
 from gateway.schema import BrokerConfig, Duration, Name, StrictModel
 
@@ -387,7 +387,7 @@ class MqttDriver:
                     stream.broken = "bad block"
                 continue
             self.health.good_value(key=key)
-            source = f"{device}.{sub.tag}"
+            source = source_of(device, sub.tag)
             if isinstance(decoded, Block):
                 start, cause = self._place((sub.tag, topic), decoded, received, sub.jitter)
                 await emit(Waveform(source, decoded.samples, decoded.sample_rate, start, sub.unit, restart=cause))
@@ -416,7 +416,7 @@ class MqttDriver:
             raise DeviceDisconnected(str(exc)) from None
 
 
-def _factory(config: DeviceConfig, health: DeviceHealth) -> MqttDriver:
+def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> MqttDriver:
     assert isinstance(config, MqttConfig)
     return MqttDriver(config, health)
 

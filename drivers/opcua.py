@@ -25,10 +25,11 @@ from asyncua.crypto import security_policies
 from cryptography import x509
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverError, Emit, every, register, supervise, until_lost
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, every, mark_bad, register,
+                          supervise, until_lost)
 from gateway import logs
 from gateway.health import DeviceHealth
-from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform
+from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform, source_of
 from gateway.schema import Duration, Name, SecretFile, StrictModel, read_secret
 
 log = logs.get("drivers.opcua")
@@ -153,7 +154,7 @@ def to_sample(source: str, unit: str | None, dv: ua.DataValue, received: float) 
         return Sample(source, value, ts, Quality.GOOD, unit)
     if status.is_uncertain():
         return Sample(source, value, ts, Quality.UNCERTAIN, unit)
-    return Sample(source, None, ts, Quality.BAD, unit)
+    return Sample.bad(source, ts, unit)
 
 
 # Array types a waveform node may hold, and the dtype its samples keep (exact for each).
@@ -217,15 +218,16 @@ class _Changes:
 
 
 @contextlib.contextmanager
-def _peer_errors(what: str):
-    """asyncua and socket errors, turned into the driver's own: a lost link ends the session
-    (reconnect), an OPC UA service error is a driver error."""
+def _peer_errors(what: str, service_error: type[DriverError] = DriverError):
+    """asyncua and socket errors, turned into the driver's own: the one place they are translated.
+    A lost link ends the session (reconnect); an OPC UA service error is a `service_error`, which
+    is DeviceDisconnected too while the session is being set up."""
     try:
         yield
     except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
         raise DeviceDisconnected(f"{what} failed: {type(exc).__name__}: {exc}") from None
     except ua.UaError as exc:
-        raise DriverError(f"{what} failed: {exc}") from None
+        raise service_error(f"{what} failed: {type(exc).__name__}: {exc}") from None
 
 
 class OpcUaDriver:
@@ -253,14 +255,12 @@ class OpcUaDriver:
             if uri is None:
                 uri = _certificate_uri(sec.certificate)
             password = read_secret(sec.private_key_password_file)
-            try:
+            with _peer_errors("security set-up", DeviceDisconnected):
                 await client.set_security(
                     _POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
                     private_key_password=password,
                     server_certificate=str(sec.server_certificate) if sec.server_certificate else None,
                     mode=_MODES[sec.mode])
-            except (OSError, asyncio.TimeoutError, ua.UaError) as exc:
-                raise DeviceDisconnected(f"security set-up failed: {type(exc).__name__}: {exc}") from None
         client.application_uri = uri or f"urn:edge-gateway:{cfg.name}"
         if cfg.username is not None:
             client.set_user(cfg.username)
@@ -277,10 +277,8 @@ class OpcUaDriver:
 
         client.connection_lost_callback = on_lost
         try:
-            try:
+            with _peer_errors("connect", DeviceDisconnected):
                 await asyncio.wait_for(client.connect(), timeout=max(cfg.timeout * 5, 5.0))
-            except (OSError, asyncio.TimeoutError, ua.UaError, ConnectionError) as exc:
-                raise DeviceDisconnected(f"connect failed: {type(exc).__name__}: {exc}") from None
             self.health.ok()
             nodes = [client.get_node(t.node) for t in cfg.tags]
             rate_nodes = [client.get_node(t.sample_rate_node) for t in self._rate_tags]
@@ -290,22 +288,13 @@ class OpcUaDriver:
                 else:
                     await self._subscribe_forever(client, nodes, rate_nodes, lost, emit)
             except DriverError:
-                # Consumers must see that the values stopped being true, once per outage.
-                await self._emit_bad(cfg.tags, emit)
+                await mark_bad(cfg, emit)  # once per outage
                 raise
         finally:
             try:
                 await asyncio.wait_for(client.disconnect(), timeout=2.0)
             except Exception:  # noqa: BLE001 - the server may already be gone; nothing to do
                 pass
-
-    async def _emit_bad(self, tags: list[OpcUaTag], emit: Emit) -> None:
-        """A BAD sample for each scalar tag. A waveform tag has no block to send: its analysis
-        sees the missing time as a gap."""
-        now = time.time()
-        for tag in tags:
-            if not tag.waveform:
-                await emit(Sample(f"{self.config.name}.{tag.name}", None, now, Quality.BAD, tag.unit))
 
     async def _poll_forever(self, client: Client, nodes: list, rate_nodes: list, lost: asyncio.Event,
                             emit: Emit) -> None:
@@ -346,7 +335,7 @@ class OpcUaDriver:
                 # the node does not exist or cannot be monitored: the tag is bad, not the device
                 node = tag.sample_rate_node if rate else tag.node
                 self.health.bad_value(f"{node}: {result.name}", key=f"{'rate' if rate else 'tag'}:{tag.name}")
-                await self._emit_bad([tag], emit)
+                await mark_bad(self.config, emit, [tag.name])
         async with contextlib.aclosing(until_lost(queue, lost, "connection lost")) as changes:
             async for handle, dv, received in changes:
                 item = by_handle.get(handle)
@@ -395,7 +384,7 @@ class OpcUaDriver:
         if tag.waveform:
             await self._emit_array(tag, dv, received, emit)
             return
-        sample = to_sample(f"{self.config.name}.{tag.name}", tag.unit, dv, received)
+        sample = to_sample(source_of(self.config.name, tag.name), tag.unit, dv, received)
         key = f"tag:{tag.name}"
         if sample.quality is Quality.BAD:
             code = dv.StatusCode.name if dv.StatusCode is not None else "bad"
@@ -434,7 +423,7 @@ class OpcUaDriver:
         else:
             ts, restart = self._sample_clock(tag.name, ts, samples.size, fs)
         quality = Quality.GOOD if status.is_good() else Quality.UNCERTAIN
-        await emit(Waveform(f"{self.config.name}.{tag.name}", samples, fs, ts, tag.unit, quality, restart))
+        await emit(Waveform(source_of(self.config.name, tag.name), samples, fs, ts, tag.unit, quality, restart))
 
     def _sample_clock(self, name: str, ts: float, n: int, fs: float) -> tuple[float, str | None]:
         """Continuous capture: (first-sample time, restart cause). An array whose source timestamp
@@ -464,7 +453,7 @@ def _certificate_uri(path: Path) -> str | None:
         return None
 
 
-def _factory(config: DeviceConfig, health: DeviceHealth) -> OpcUaDriver:
+def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> OpcUaDriver:
     assert isinstance(config, OpcUaConfig)
     return OpcUaDriver(config, health)
 

@@ -46,7 +46,8 @@ class Pipeline:
         self.queue: asyncio.Queue[Sample | Waveform | list[Sample]] = asyncio.Queue(QUEUE_SIZE)
         self.analytics = AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units())
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
-        self.drivers = [driver_registry.create(d) for d in cfg.devices if d.enabled]
+        context = driver_registry.DriverContext()  # what this pipeline's drivers share (serial lines)
+        self.drivers = [driver_registry.create(d, context) for d in cfg.devices if d.enabled]
         self.upstream = Upstream(
             cfg.upstream, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix,
             client_id=cfg.client_id, started_at=started_at,

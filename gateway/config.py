@@ -23,6 +23,7 @@ import rules
 from drivers.base import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.metrics import MetricsConfig
+from gateway.model import source_of
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
 from rules.base import REGISTRY as RULE_REGISTRY
 
@@ -132,7 +133,7 @@ class GatewayConfig(BaseSettings):
         return self.buffer.path if self.buffer.path.is_absolute() else self.gateway.state_dir / self.buffer.path
 
     def tag_units(self) -> dict[str, str | None]:
-        return {f"{d.name}.{tag}": unit for d in self.devices for tag, unit in d.tag_units().items()}
+        return {source_of(d.name, tag): unit for d in self.devices for tag, unit in d.tag_units().items()}
 
     def device_tags(self) -> dict[str, list[str]]:
         return {d.name: d.tag_names() for d in self.devices}
@@ -140,7 +141,7 @@ class GatewayConfig(BaseSettings):
     def known_inputs(self) -> set[str]:
         from gateway.analytics import feature_names
 
-        names = {f"{d.name}.{t}" for d in self.devices for t in d.tag_names()}
+        names = {source_of(d.name, t) for d in self.devices for t in d.tag_names()}
         for a in self.analyses:
             names.update(feature_names(a))  # already qualified: analysis.feature
         return names
@@ -356,8 +357,8 @@ def _cross_check(cfg: GatewayConfig) -> list[tuple[Path_, str]]:
     unique("analyses", cfg.analyses)
     unique("rules", cfg.rules)
     device_names = {d.name for d in cfg.devices}
-    waveforms = {f"{d.name}.{t}" for d in cfg.devices for t in d.waveform_tags()}
-    scalars = {f"{d.name}.{t}" for d in cfg.devices for t in d.tag_names()} - waveforms
+    waveforms = {source_of(d.name, t) for d in cfg.devices for t in d.waveform_tags()}
+    scalars = {source_of(d.name, t) for d in cfg.devices for t in d.tag_names()} - waveforms
     for i, a in enumerate(cfg.analyses):
         if a.input not in waveforms:
             hint = " (it is a scalar tag)" if a.input in scalars else ""

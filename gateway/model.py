@@ -26,6 +26,18 @@ _QUALITY_RANK = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
 Scalar = float | int | bool | str | None
 
 
+def source_of(device: str, tag: str) -> str:
+    """The name of a value: `device.tag` (or `analysis.feature`). The one place it is built."""
+    return f"{device}.{tag}"
+
+
+def split_source(name: str) -> tuple[str, str]:
+    """`device.tag` -> (device, tag), at the first dot; the one place a source is taken apart.
+    A name without a dot (a whole device) gives (name, "")."""
+    device, _, tag = name.partition(".")
+    return device, tag
+
+
 class _Sourced:
     """`source` is `device.tag` (or `analysis.feature`): its two halves."""
 
@@ -34,11 +46,11 @@ class _Sourced:
 
     @property
     def device(self) -> str:
-        return self.source.split(".", 1)[0]
+        return split_source(self.source)[0]
 
     @property
     def tag(self) -> str:
-        return self.source.split(".", 1)[1]
+        return split_source(self.source)[1]
 
 
 @dataclass(slots=True)
@@ -56,6 +68,11 @@ class Sample(_Sourced):
     ts: float  # epoch seconds of the measurement (source timestamp when known)
     quality: Quality = Quality.GOOD
     unit: str | None = None
+
+    @classmethod
+    def bad(cls, source: str, ts: float, unit: str | None = None) -> "Sample":
+        """A value that is no longer (or not) known: quality BAD, value None."""
+        return cls(source, None, ts, Quality.BAD, unit)
 
     @property
     def good(self) -> bool:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from gateway.model import split_source
 from gateway.mqttclient import connect_kwargs, make_client
 from gateway.schema import BrokerConfig
 
@@ -149,7 +150,7 @@ def iso_boundaries(cfg) -> dict[str, tuple[float, float, float]]:
     out = {}
     for rule in cfg.rules:
         if rule.type == "iso10816" and rule.input.endswith(".velocity_rms"):
-            out[rule.input.split(".", 1)[0]] = rule.boundaries()
+            out[split_source(rule.input)[0]] = rule.boundaries()
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
-from gateway.model import Record, Sample, Scalar, iso_ts
+from gateway.model import Record, Sample, Scalar, iso_ts, split_source
 from rules.base import Handler, RuleConfig, register
 
 
@@ -45,7 +45,7 @@ class DowntimeHandler(Handler):
 
     def __init__(self, config: DowntimeConfig) -> None:
         super().__init__(config)
-        self.device, _, self.tag = config.input.partition(".")
+        self.device, self.tag = split_source(config.input)
         self.known: bool | None = None  # last good state: True running, False stopped
         self.since: float | None = None  # sample ts at which `known` began
         self.exact = False  # `since` is the real start of the state, no bad gap since

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from gateway import logs
-from gateway.model import Clock, Record, Sample, iso_ts
+from gateway.model import Clock, Record, Sample, iso_ts, split_source
 from rules.alarm import Alarm
 from rules.base import REGISTRY, SEVERITY_RANK, Handler, RuleConfig
 
@@ -83,7 +83,7 @@ class RuleEngine:
     def on_sample(self, s: Sample) -> list[Record]:
         """Evaluates the rules whose input is `s.source` (or whose device is `s`'s)."""
         handlers = self._by_input.get(s.source, [])
-        by_device = self._by_device.get(s.source.split(".", 1)[0])
+        by_device = self._by_device.get(split_source(s.source)[0])
         if by_device:
             handlers = [*handlers, *(h for h in by_device if h not in handlers)]
         if not handlers:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gateway.model import Record, Sample, iso_ts
+from gateway.model import Record, Sample, iso_ts, source_of
 from gateway.schema import Duration, Name
 from rules.alarm import Alarm
 from rules.base import Handler, RuleConfig, Severity, Verdict, register
@@ -65,7 +65,7 @@ class StaleHandler(Handler):
     def inputs(self) -> set[str]:
         if self.config.input:
             return {self.config.input}
-        return {f"{self.config.device}.{tag}" for tag in self.tags}
+        return {source_of(self.config.device, tag) for tag in self.tags}
 
     def devices(self) -> set[str]:
         return {self.config.device} if self.config.device else set()

@@ -15,7 +15,7 @@ from gateway.analytics.summary import Summaries
 from gateway.analytics.vibration import DEFECTS, FeatureSpec, Features, PlanCache, accel_scale, analyse
 from gateway.analytics.window import Window, WindowAssembler
 from gateway import logs
-from gateway.model import NEW_CAPTURE, Quality, Record, Sample, Waveform, iso_ts
+from gateway.model import NEW_CAPTURE, Quality, Record, Sample, Waveform, iso_ts, source_of
 
 log = logs.get("analytics")
 
@@ -30,7 +30,7 @@ def feature_names(analysis: AnalysisConfig) -> list[str]:
     if "envelope" in analysis.features and analysis.bearing is not None:
         for d in analysis.bearing.orders:
             names += [f"bearing.{d}", f"bearing.{d}.snr_db"]
-    return [f"{analysis.name}.{n}" for n in names]
+    return [source_of(analysis.name, n) for n in names]
 
 
 @dataclass(slots=True)
@@ -185,7 +185,7 @@ class AnalyticsEngine:
         }
         record = Record(topic=f"features/{cfg.name}", payload=payload, ts=win.ts, kind="features")
         units = {"rms": unit, "peak": unit, "peak_to_peak": unit, "velocity_rms": "mm/s"}
-        samples = [self._sample(f"{cfg.name}.{name}", value, win, units.get(name))
+        samples = [self._sample(source_of(cfg.name, name), value, win, units.get(name))
                    for name, value in feats.scalars()]
         bearing = feats.bearing
         if bearing is not None:
@@ -193,8 +193,8 @@ class AnalyticsEngine:
             for d in DEFECTS:
                 if d in bearing.names:
                     i = bearing.names.index(d)
-                    samples.append(self._sample(f"{cfg.name}.bearing.{d}", bearing.amplitude[i], win, sq))
-                    samples.append(self._sample(f"{cfg.name}.bearing.{d}.snr_db", bearing.snr_db[i][0], win, "dB"))
+                    samples.append(self._sample(source_of(cfg.name, f"bearing.{d}"), bearing.amplitude[i], win, sq))
+                    samples.append(self._sample(source_of(cfg.name, f"bearing.{d}.snr_db"), bearing.snr_db[i][0], win, "dB"))
         return record, samples
 
     @staticmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gateway.model import Quality, Record, Sample
+from gateway.model import Quality, Record, Sample, split_source
 
 _WORST = {0: Quality.GOOD, 1: Quality.UNCERTAIN, 2: Quality.BAD}
 
@@ -101,7 +101,7 @@ class Summaries:
     def add(self, s: Sample) -> None:
         if self._start is None:
             self._start = math.floor(s.ts / self.interval) * self.interval
-        device, _, tag = s.source.partition(".")
+        device, tag = split_source(s.source)
         tags = self._devices.setdefault(device, {})
         st = tags.get(tag)
         if st is None:

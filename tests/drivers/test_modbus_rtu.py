@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from drivers.modbus import ModbusConfig, ModbusDriver, SerialBus, SerialConfig
+from drivers.base import DriverContext
+from drivers.modbus import ModbusConfig, ModbusDriver, SerialConfig
 from drivers.sim.modbus import ModbusSimulator
 from gateway.health import DeviceHealth
 from gateway.model import Quality
@@ -38,21 +39,22 @@ def pty_pair():
     proc.wait(5)
 
 
-def make_driver(port: str, unit: int, name: str) -> ModbusDriver:
+def make_driver(port: str, unit: int, name: str, context: DriverContext | None = None) -> ModbusDriver:
     cfg = ModbusConfig(name=name, driver="modbus", transport="rtu", unit_id=unit, poll_interval=0.05, timeout=0.5,
                        reconnect_min=0.05, reconnect_max=0.2,
                        serial={"port": port, "baudrate": BAUD},
                        tags=[{"name": "temperature", "address": 0, "type": "float32"},
                              {"name": "serial", "address": 12, "type": "string", "count": 4},
                              {"name": "running", "table": "coil", "address": 0, "type": "bool"}])
-    return ModbusDriver(cfg, DeviceHealth(cfg.name))
+    return ModbusDriver(cfg, DeviceHealth(cfg.name), context)
 
 
 async def test_two_unit_ids_share_one_line(pty_pair, run_driver):
     server_end, client_end = pty_pair
     sim = await ModbusSimulator(unit_ids=(1, 2)).start_rtu(server_end, baudrate=BAUD)
     try:
-        first, second = make_driver(client_end, 1, "rtu1"), make_driver(client_end, 2, "rtu2")
+        context = DriverContext()  # as one pipeline gives its drivers
+        first, second = make_driver(client_end, 1, "rtu1", context), make_driver(client_end, 2, "rtu2", context)
         run1, run2 = run_driver(first), run_driver(second)
         for run, name in ((run1, "rtu1"), (run2, "rtu2")):
             assert await run.wait_for(lambda r, n=name: len(r.samples(f"{n}.temperature")) >= 10, timeout=15)
@@ -65,7 +67,7 @@ async def test_two_unit_ids_share_one_line(pty_pair, run_driver):
         # both devices went through one bus: one client, one lock
         assert first.health.errors == 0 and second.health.errors == 0
         assert sim.requests[(1, "holding")] >= 10 and sim.requests[(2, "holding")] >= 10
-        buses = [b for (port, _), b in SerialBus._buses.items() if port == client_end]
+        buses = [b for (_, port), b in context.shared.items() if port == client_end]
         assert len(buses) == 1 and buses[0].requests >= 40
     finally:
         await sim.stop()

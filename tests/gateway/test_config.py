@@ -43,6 +43,9 @@ BROKEN = [
      "rules.0.wobble", "unknown key"),
     ("analyses:\n  - name: a1\n    input: nodev.accel\n    features: [rms]\n", 9, "analyses.0.input",
      "not a waveform tag"),
+    ("devices:\n  - name: d1\n    driver: modbus\n    host: h\n    tags:\n      - {name: t, address: 0, count: 3}\n"
+     "      - {name: t_1, address: 10}\n", 13, "devices.0.tags.1.name",
+     "duplicate tag name 't_1': also made by the range 't' (count 3) at tags.0"),
 ]
 
 
@@ -188,6 +191,17 @@ def test_include_glob_matching_nothing_is_a_warning_a_missing_file_an_error(tmp_
     res = run_cli("check-config", "-c", str(main))
     assert res.returncode == 2
     assert res.stderr.splitlines()[0] == f"{main}:7: include.1: no such file: conf.d/b.yml"
+
+
+def test_check_config_counts_the_tags_of_a_range(tmp_path):
+    main = write(tmp_path, "devices:\n  - name: tank1\n    driver: modbus\n    host: h\n    tags:\n"
+                           "      - {name: level, address: 0, count: 1000}\n      - {name: alarm, table: coil, address: 0, type: bool}\n"
+                           "rules:\n  - {name: high, type: threshold, input: tank1.level_999, above: 10}\n")
+    res = run_cli("check-config", "-c", str(main))
+    assert res.returncode == 0, res.stderr
+    [line] = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("tank1")]
+    assert "1001 tags: level_0, level_1," in line, line
+    assert len(config.load(main).devices[0].tags) == 1001
 
 
 def test_check_config_cli_exit_codes(tmp_path):
