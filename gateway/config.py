@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 import drivers
 import rules
 from drivers.base import REGISTRY as DRIVER_REGISTRY
-from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesConfig
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
 from rules.base import REGISTRY as RULE_REGISTRY
 
@@ -85,6 +85,7 @@ class GatewayConfig(BaseSettings):
     devices: list[_device_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
     analyses: list[AnalysisConfig] = Field(default_factory=list)
+    analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings
 
