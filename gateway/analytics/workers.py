@@ -153,11 +153,11 @@ class FeaturePool:
             except TimeoutError:
                 pass
         finally:
+            before = self.dropped
             self._skip = bool(self._sent)
             for _ in threads:
                 self._jobs.put(None)
             await self._join(threads)
-            before = self.dropped
             self._collect()
             if self._sent:  # a thread outlived the wait (only when cancelled again): its job is lost
                 self._drop([c for job in self._sent.values() for c in job])
