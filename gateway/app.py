@@ -17,7 +17,7 @@ from typing import Any
 
 import drivers.base as driver_registry
 from gateway import __version__, config as config_mod, logs
-from gateway.analytics import AnalyticsEngine
+from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.backoff import Backoff
 from gateway.buffer import Buffer
 from gateway.config import GatewayConfig
@@ -45,6 +45,8 @@ class Pipeline:
         # Drivers put a Sample, a Waveform, or a list of Samples read together (one per request).
         self.queue: asyncio.Queue[Sample | Waveform | list[Sample]] = asyncio.Queue(QUEUE_SIZE)
         self.analytics = AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units())
+        self.features = FeaturePool(self.analytics, self._route_features, workers=cfg.analytics.threads,
+                                    capacity=cfg.analytics.queue, stop_bound=STOP_BOUND)
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
         context = driver_registry.DriverContext()  # what this pipeline's drivers share (serial lines)
         self.drivers = [driver_registry.create(d, context) for d in cfg.devices if d.enabled]
@@ -100,6 +102,7 @@ class Pipeline:
         async with asyncio.TaskGroup() as tg:
             # Outputs first, inputs last (and the reverse on the way out).
             upstream = tg.create_task(self.upstream.run(), name="upstream.loop")
+            features = tg.create_task(self.features.run(), name="analytics.workers")
             process = tg.create_task(self._process(), name="pipeline.process")
             timers = [
                 tg.create_task(self._tick_loop(), name="rules.tick"),
@@ -112,6 +115,8 @@ class Pipeline:
             await retire(inputs)
             await self.queue.put(_DRAINED)  # processing handles everything queued before this
             await process
+            self.features.close()  # the windows handed over are computed and routed (bounded)
+            await features
             await retire(timers)
             self._store(self.analytics.flush_summaries(time.time()))
             self.upstream.stop(final=self._final)
@@ -153,16 +158,23 @@ class Pipeline:
                     except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
                         log.exception("pipeline.sample_failed", source=one.source)
             if waveforms:
-                try:
-                    feature_records, features = self.analytics.on_waveforms(waveforms)
-                    records.extend(feature_records)
-                    for f in features:
-                        records.extend(self.rules.on_sample(f))
+                try:  # windows closing at once are computed together, in the worker threads
+                    self.features.submit(self.analytics.assemble(waveforms))
                 except Exception:  # noqa: BLE001
                     log.exception("pipeline.waveforms_failed", sources=sorted({w.source for w in waveforms}))
             self._store(records)
             if done:
                 return
+
+    def _route_features(self, records: list[Record], features: list[Sample]) -> None:
+        """Called by the worker pool on the loop, in measurement order: feature records and the
+        feature values as rule inputs."""
+        for f in features:
+            try:
+                records.extend(self.rules.on_sample(f))
+            except Exception:  # noqa: BLE001 - a value that breaks a rule is logged, not fatal
+                log.exception("pipeline.sample_failed", source=f.source)
+        self._store(records)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -225,6 +237,7 @@ class Pipeline:
             },
             "queue": self.queue.qsize(),
             "analyses": self.analytics.stats(),
+            "analytics": self.features.stats(),
             "rules": self.rules.health(),
             "loop_lag": self.loop_lag.to_dict(),
         }

@@ -77,7 +77,8 @@ def config_summary(cfg: GatewayConfig) -> str:
         lines.append(f"    {d.name:<16} {d.driver:<7} {len(d.tag_names())} tags: {', '.join(d.tag_names()[:8])}"
                      + (" ..." if len(d.tag_names()) > 8 else ""))
     lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
-    lines.append(f"  analyses  {len(cfg.analyses)}")
+    lines.append(f"  analyses  {len(cfg.analyses)}, computed by {cfg.analytics.threads} worker thread(s), "
+                 f"at most {cfg.analytics.queue} windows queued")
     for a in cfg.analyses:
         lines.append(f"    {a.name:<16} {a.input} window {a.window} -> {cfg.topic_prefix}/features/{a.name}")
     lines.append(f"  rules     {len(cfg.rules)}")

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 import drivers
 import rules
 from drivers.base import REGISTRY as DRIVER_REGISTRY
-from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesConfig
 from gateway.metrics import MetricsConfig
 from gateway.model import source_of
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
@@ -86,6 +86,7 @@ class GatewayConfig(BaseSettings):
     devices: list[_device_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
     analyses: list[AnalysisConfig] = Field(default_factory=list)
+    analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     metrics: MetricsConfig | None = Field(None, description="Prometheus /metrics; off when absent")
     _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings

@@ -1,7 +1,8 @@
-"""Config models of `summaries:` and `analyses:` (contract section 2)."""
+"""Config models of `summaries:`, `analyses:` (contract section 2) and `analytics:`."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -19,6 +20,23 @@ Band = tuple[float, float]
 
 class SummariesConfig(StrictModel):
     interval: Duration = Field(10.0, gt=0)
+
+
+def default_workers() -> int:
+    """The cores this process may run on, minus one for the event loop; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+class AnalyticsConfig(StrictModel):
+    """How the feature computation runs (gateway.analytics.workers)."""
+
+    workers: int | None = Field(None, ge=1, le=64, description="threads computing features; null: the cores minus one, at least 1")
+    queue: int = Field(256, ge=1, le=1_000_000, description="windows handed to the threads and not yet done; when full the newest are dropped and counted")
+
+    @property
+    def threads(self) -> int:
+        return self.workers or default_workers()
 
 
 class SpectrumConfig(StrictModel):

@@ -4,7 +4,7 @@ per-device summaries. No I/O and no clock of its own: the core feeds it and asks
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -31,6 +31,21 @@ def feature_names(analysis: AnalysisConfig) -> list[str]:
         for d in analysis.bearing.orders:
             names += [f"bearing.{d}", f"bearing.{d}.snr_db"]
     return [source_of(analysis.name, n) for n in names]
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """A window ready for `compute`, with what it needs from its stream at the time it closed."""
+
+    cfg: AnalysisConfig
+    window: Window
+    unit: str | None
+    spec: FeatureSpec
+    shaft_hz: float | None
+
+    @property
+    def samples(self) -> int:
+        return len(self.window.samples)
 
 
 @dataclass(slots=True)
@@ -70,7 +85,9 @@ class AnalyticsEngine:
             if cfg.bearing is not None and cfg.bearing.shaft_tag:
                 self._speed_tags[cfg.bearing.shaft_tag] = cfg.bearing.shaft_tag_unit
         self._summaries = Summaries(summaries.interval, self._units)
-        self._runtime_problems: dict[str, str] = {}  # analysis -> problem seen with real data
+        # analysis -> problem seen with real data; written by `compute`, in worker threads too
+        self._runtime_problems: dict[str, str] = {}
+        self._dropped: Counter[str] = Counter()  # analysis -> windows never computed
 
     # ------------------------------------------------------------------ config help
 
@@ -87,13 +104,15 @@ class AnalyticsEngine:
                 if "velocity_rms" in st.cfg.features and accel_scale(st.unit) is None:
                     out.append(f"analyses.{st.cfg.name}: velocity_rms needs the unit of "
                                f"{st.cfg.input} to be g or m/s2 (is {st.unit!r})")
-        out += [f"analyses.{name}: {text}" for name, text in self._runtime_problems.items()]
+        out += [f"analyses.{name}: {text}" for name, text in list(self._runtime_problems.items())]
         return out
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per analysis: windows computed, restarts (gaps, rate changes, bad blocks) and
-        samples thrown away by them -- for the health payload; nothing is dropped silently."""
-        return {st.cfg.name: {"windows": st.windows, "gaps": st.assembler.gaps,
+        """Per analysis: windows closed, of those dropped before computing (queue full, stop),
+        restarts (gaps, rate changes, bad blocks) and samples thrown away by them -- for the
+        health payload; nothing is dropped silently."""
+        return {st.cfg.name: {"windows": st.windows, "dropped_windows": self._dropped[st.cfg.name],
+                              "gaps": st.assembler.gaps,
                               "dropped_samples": st.assembler.dropped_samples,
                               "pending_samples": st.assembler.pending,
                               "restarts": dict(st.assembler.restarts)}
@@ -117,40 +136,55 @@ class AnalyticsEngine:
         return self.on_waveforms([w])
 
     def on_waveforms(self, blocks: Iterable[Waveform]) -> tuple[list[Record], list[Sample]]:
-        """Several blocks at once (e.g. whatever the queue holds): windows of different tags
-        that share window length, sample rate and feature spec are computed in one batch."""
-        done: list[tuple[_Stream, Window, str | None]] = []
+        """Several blocks at once, assembled and computed in the caller's thread (tests, bench,
+        check-config). The pipeline calls `assemble` on the event loop and leaves `compute` to
+        its worker threads (gateway.analytics.workers)."""
+        return self.compute(self.assemble(blocks))
+
+    def assemble(self, blocks: Iterable[Waveform]) -> list[Closed]:
+        """Cut blocks into windows; cheap, on the event loop. Everything that reads the stream's
+        state (spec, unit, shaft speed) is taken here, so that `compute` reads nothing mutable."""
+        done: list[Closed] = []
         for w in blocks:
             for st in self._streams.get(w.source, ()):
                 unit = st.unit if st.unit is not None else w.unit
                 seen = len(st.assembler.restarts)
                 for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality, w.restart):
                     st.windows += 1
-                    done.append((st, win, unit))
+                    done.append(Closed(st.cfg, win, unit, st.spec_for(unit), self._shaft_hz(st.cfg)))
                 if len(st.assembler.restarts) > seen:  # a cause not seen before on this stream
                     self._log_restart(st)
-        if not done:
+        return done
+
+    def compute(self, windows: list[Closed]) -> tuple[list[Record], list[Sample]]:
+        """Features of assembled windows, in their order. Safe in any thread: windows of different
+        tags that share window length, sample rate and feature spec are computed in one batch."""
+        if not windows:
             return [], []
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (st, win, unit) in enumerate(done):
-            groups[(st.spec_for(unit), len(win.samples), win.sample_rate)].append(i)
-        results: list[Features | None] = [None] * len(done)
+        for i, c in enumerate(windows):
+            groups[(c.spec, len(c.window.samples), c.window.sample_rate)].append(i)
+        results: list[Features | None] = [None] * len(windows)
         for (spec, n, fs), idx in groups.items():
             plan = self._plans.get(spec, n, fs)
             if plan.problem:
                 for i in idx:
-                    self._runtime_problems.setdefault(done[i][0].cfg.name, plan.problem)
-            X = np.stack([done[i][1].samples for i in idx]) if len(idx) > 1 else done[idx[0]][1].samples[None, :]
-            speeds = [self._shaft_hz(done[i][0].cfg) for i in idx]
-            for i, feats in zip(idx, analyse(X, plan, speeds, self._workers)):
+                    self._runtime_problems.setdefault(windows[i].cfg.name, plan.problem)
+            X = np.stack([windows[i].window.samples for i in idx]) if len(idx) > 1 else windows[idx[0]].window.samples[None, :]
+            for i, feats in zip(idx, analyse(X, plan, [windows[i].shaft_hz for i in idx], self._workers)):
                 results[i] = feats
         records: list[Record] = []
         samples: list[Sample] = []
-        for (st, win, unit), feats in zip(done, results):
-            rec, smp = self._outputs(st.cfg, win, unit, feats)
+        for c, feats in zip(windows, results):
+            rec, smp = self._outputs(c.cfg, c.window, c.unit, feats)
             records.append(rec)
             samples.extend(smp)
         return records, samples
+
+    def count_dropped(self, windows: Iterable[Closed]) -> None:
+        """Windows assembled but never computed (a full worker queue, a stop): for health."""
+        for c in windows:
+            self._dropped[c.cfg.name] += 1
 
     @staticmethod
     def _log_restart(st: _Stream) -> None:

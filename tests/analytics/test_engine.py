@@ -154,7 +154,7 @@ def test_gap_and_bad_block_restart_windows():
         recs += eng.on_waveform(w)[0]
     # the window restarts at the block after the gap: 4 blocks in, then 8 blocks = 1 window
     assert [r.ts for r in recs] == [pytest.approx(1000.0 + 4 * 512 / FS)]
-    assert eng.stats() == {"m1_de": {"windows": 1, "gaps": 1, "dropped_samples": 3 * 512,
+    assert eng.stats() == {"m1_de": {"windows": 1, "dropped_windows": 0, "gaps": 1, "dropped_samples": 3 * 512,
                                      "pending_samples": 4 * 512, "restarts": {"late block": 1}}}
 
 

@@ -90,11 +90,11 @@ async def test_one_window_per_capture_stamped_with_the_source_timestamp(captures
     assert np.allclose(np.diff([w.ts for w in waveforms]), EVERY, atol=1e-5)
     records, stats = analyse(waveforms, whole=CAPTURE, longer=2 * CAPTURE)
     assert [r.ts for r in records["whole"]] == [w.ts for w in waveforms]
-    assert stats["whole"] == {"windows": n, "gaps": 0, "dropped_samples": 0, "pending_samples": 0,
+    assert stats["whole"] == {"windows": n, "dropped_windows": 0, "gaps": 0, "dropped_samples": 0, "pending_samples": 0,
                               "restarts": {NEW_CAPTURE: n - 1}}
     # a capture shorter than the window is never padded or glued to the next: dropped, no gap
     assert records["longer"] == []
-    assert stats["longer"] == {"windows": 0, "gaps": 0, "dropped_samples": (n - 1) * CAPTURE,
+    assert stats["longer"] == {"windows": 0, "dropped_windows": 0, "gaps": 0, "dropped_samples": (n - 1) * CAPTURE,
                                "pending_samples": CAPTURE, "restarts": {NEW_CAPTURE: n - 1}}
     assert drv.health.bad_values == 0
 

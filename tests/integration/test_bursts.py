@@ -101,7 +101,8 @@ async def test_every_record_at_full_speed_gives_every_window(tmp_path, mosquitto
 
     for name, windows in expected.items():
         device, rec = name.split("_")[0], int(name.split("_")[1])
-        assert health["analyses"][name] == {"windows": windows, "gaps": 0, "dropped_samples": 0,
+        assert health["analyses"][name] == {"windows": windows, "dropped_windows": 0, "gaps": 0,
+                                            "dropped_samples": 0,
                                             "pending_samples": len(cwru.load(rec)[0]) % WINDOW,
                                             "restarts": {}}, name
         got = sorted((p for _, p in features(name)), key=lambda p: p["seq"])

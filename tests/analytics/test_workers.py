@@ -1,0 +1,153 @@
+"""FeaturePool: features computed in worker threads, the loop free, order kept, drops counted."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+from structlog.testing import capture_logs
+
+from gateway.analytics import AnalyticsEngine, FeaturePool
+from gateway.analytics.config import AnalysisConfig, SummariesConfig
+from gateway.model import Waveform
+
+FS = 25600.0
+N = 16384
+
+
+def engine(streams: int, window: int = N) -> AnalyticsEngine:
+    cfgs = [AnalysisConfig(name=f"a{i}", input=f"m.t{i}", window=window, bearing={"shaft_hz": 29.93})
+            for i in range(streams)]
+    return AnalyticsEngine(cfgs, SummariesConfig(), {f"m.t{i}": "g" for i in range(streams)})
+
+
+def burst(streams: int, windows_each: int, t0: float = 1000.0, window: int = N) -> list[Waveform]:
+    """One block per stream holding `windows_each` windows."""
+    x = np.random.default_rng(0).normal(0, 0.3, window * windows_each).astype(np.float32)
+    return [Waveform(f"m.t{i}", x, FS, t0, unit="g") for i in range(streams)]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records = []
+        self.samples = []
+        self.calls = 0
+
+    def __call__(self, records, samples) -> None:
+        self.calls += 1
+        self.records += records
+        self.samples += samples
+
+
+async def ticker(lags: list[float], stop: asyncio.Event, period: float = 0.01) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(period)
+        lags.append(time.perf_counter() - t - period)
+
+
+def pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("analytics.worker")]
+
+
+async def until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+async def test_loop_keeps_ticking_while_a_burst_is_computed_and_the_old_path_would_not():
+    streams, each = 20, 10  # 200 windows of 16,384 samples at once
+    # the old way, on the loop: the same burst, the same 10 ms timer
+    old_lags: list[float] = []
+    stop = asyncio.Event()
+    tick = asyncio.create_task(ticker(old_lags, stop))
+    await asyncio.sleep(0.05)
+    records, _ = engine(streams).on_waveforms(burst(streams, each))
+    await asyncio.sleep(0.05)
+    stop.set()
+    await tick
+    assert len(records) == streams * each
+    assert max(old_lags) > 0.05, max(old_lags)  # the measurement sees a blocked loop
+
+    eng, sink = engine(streams), Sink()
+    pool = FeaturePool(eng, sink, workers=2, capacity=1000, stop_bound=3.0)
+    run = asyncio.create_task(pool.run())
+    lags: list[float] = []
+    stop = asyncio.Event()
+    tick = asyncio.create_task(ticker(lags, stop))
+    await asyncio.sleep(0.05)
+    pool.submit(eng.assemble(burst(streams, each)))
+    assert await until(lambda: len(sink.records) == streams * each, 120)
+    stop.set()
+    await tick
+    pool.close()
+    await run
+    p99 = float(np.percentile(lags, 99))
+    assert len(lags) >= 10 and p99 < 0.05, (p99, max(lags), max(old_lags))
+    assert [r.payload for r in sink.records] == [r.payload for r in records]  # same features, same order
+    assert pool_threads() == []
+
+
+async def test_records_leave_in_measurement_order_per_stream_with_several_workers():
+    streams, window = 5, 4096
+    eng, sink = engine(streams, window), Sink()
+    pool = FeaturePool(eng, sink, workers=3, capacity=10_000, stop_bound=3.0)
+    run = asyncio.create_task(pool.run())
+    t0 = 1000.0
+    for k in range(6):  # six bursts, each continuing the streams; jobs of 16 windows
+        pool.submit(eng.assemble(burst(streams, 7, t0 + k * 7 * window / FS, window)))
+        await asyncio.sleep(0)
+    assert await until(lambda: len(sink.records) == streams * 42, 60)
+    pool.close()
+    await run
+    assert sink.calls > 1  # delivered in several parts, as jobs finished
+    for i in range(streams):
+        ts = [r.ts for r in sink.records if r.payload["analysis"] == f"a{i}"]
+        assert len(ts) == 42 and ts == sorted(ts) and len(set(ts)) == 42
+        rms = [s.ts for s in sink.samples if s.source == f"a{i}.rms"]
+        assert rms == ts
+    assert eng.stats()["a0"]["dropped_windows"] == 0
+
+
+async def test_a_full_queue_drops_the_newest_counts_them_and_logs_once():
+    eng, sink = engine(2, 4096), Sink()
+    pool = FeaturePool(eng, sink, workers=1, capacity=4, stop_bound=3.0)
+    run = asyncio.create_task(pool.run())
+    with capture_logs() as logged:
+        for k in range(5):  # a flood: 5 x 2 streams x 10 windows, far more than 4 in flight
+            pool.submit(eng.assemble(burst(2, 10, 1000.0 + k * 10 * 4096 / FS, 4096)))
+        assert await until(lambda: pool.in_flight == 0, 60)
+        pool.submit(eng.assemble(burst(2, 1, 1000.0 + 50 * 4096 / FS, 4096)))  # room again
+        assert await until(lambda: pool.in_flight == 0, 60)
+    pool.close()
+    await run
+    stats = eng.stats()
+    dropped = stats["a0"]["dropped_windows"] + stats["a1"]["dropped_windows"]
+    assert stats["a0"]["windows"] + stats["a1"]["windows"] == 102
+    assert dropped == 102 - len(sink.records) == pool.dropped and dropped >= 90
+    assert [r.payload["analysis"] for r in sink.records[:4]] == ["a0"] * 4  # the first 4 kept, newest dropped
+    events = [e["event"] for e in logged]
+    assert events.count("analytics.queue_full") == 1 and events.count("analytics.queue_flowing") == 1
+    assert "analytics.stop_dropped" not in events
+
+
+async def test_close_with_windows_queued_stops_within_the_bound_and_leaves_no_thread():
+    eng, sink = engine(4, 65536), Sink()
+    pool = FeaturePool(eng, sink, workers=2, capacity=10_000, stop_bound=0.05)
+    run = asyncio.create_task(pool.run())
+    await asyncio.sleep(0)
+    assert len(pool_threads()) == 2
+    pool.submit(eng.assemble(burst(4, 30, window=65536)))  # 120 large windows: seconds of work
+    with capture_logs() as logged:
+        t0 = time.monotonic()
+        pool.close()
+        await run
+        took = time.monotonic() - t0
+    assert took < 0.05 + 2.0, took  # the bound plus the jobs running at that moment
+    assert pool_threads() == []
+    assert 0 < pool.dropped and len(sink.records) + pool.dropped == 120 and pool.in_flight == 0
+    assert [e["event"] for e in logged].count("analytics.stop_dropped") == 1
