@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from drivers.base import create
+from drivers.base import DriverContext, create
 from gateway import config
 from gateway.model import Quality, Sample, Waveform
 from tests.conftest import free_port, run_cli
@@ -36,7 +36,7 @@ def write_config(tmp_path, skeleton: str):
 
 async def read_all(device, timeout: float = 15.0) -> dict[str, Sample | Waveform]:
     """The first good value of every tag of `device`, read by its driver (missing: not read)."""
-    driver = create(device)
+    driver = create(device, DriverContext())
     got: dict[str, Sample | Waveform] = {}
 
     async def emit(item) -> None:
