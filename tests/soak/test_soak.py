@@ -86,6 +86,8 @@ class Daemon:
         return sorted(self.logdir.glob("daemon-*.log"))
 
 
+# The suite's 300 s per-test limit is shorter than the soak itself.
+@pytest.mark.timeout(float(os.environ.get("SOAK_SECONDS", "600")) + 300)
 def test_soak_outages_reloads_and_kills_lose_nothing(tmp_path, mosquitto_factory):
     seconds = float(os.environ.get("SOAK_SECONDS", "600"))
     broker = mosquitto_factory(extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
