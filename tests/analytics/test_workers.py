@@ -60,7 +60,7 @@ async def until(predicate, timeout: float) -> bool:
 
 
 async def test_loop_keeps_ticking_while_a_burst_is_computed_and_the_old_path_would_not():
-    streams, each = 20, 10  # 200 windows of 16,384 samples at once
+    streams, each = 20, 30  # 600 windows of 16,384 samples at once
     # the old way, on the loop: the same burst, the same 10 ms timer
     old_lags: list[float] = []
     stop = asyncio.Event()
@@ -71,7 +71,8 @@ async def test_loop_keeps_ticking_while_a_burst_is_computed_and_the_old_path_wou
     stop.set()
     await tick
     assert len(records) == streams * each
-    assert max(old_lags) > 0.05, max(old_lags)  # the measurement sees a blocked loop
+    blocked = max(old_lags)
+    assert blocked > 0.15, blocked  # the measurement sees a blocked loop
 
     eng, sink = engine(streams), Sink()
     pool = FeaturePool(eng, sink, workers=2, capacity=1000, stop_bound=3.0)
@@ -86,8 +87,10 @@ async def test_loop_keeps_ticking_while_a_burst_is_computed_and_the_old_path_wou
     await tick
     pool.close()
     await run
+    # the loop waits at most for the GIL between the workers' NumPy calls: a small fraction of
+    # the time the same burst blocked it on the old path (ratio, since CI machines vary in speed)
     p99 = float(np.percentile(lags, 99))
-    assert len(lags) >= 10 and p99 < 0.05, (p99, max(lags), max(old_lags))
+    assert len(lags) >= 10 and p99 < min(0.1, blocked / 4), (p99, max(lags), blocked)
     assert [r.payload for r in sink.records] == [r.payload for r in records]  # same features, same order
     assert pool_threads() == []
 
