@@ -26,15 +26,15 @@ async def _run(cfg, *, plain: bool, duration: float | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     if plain:
         print(f"watching {cfg.topic_prefix}/# on {where} (gateway {cfg.gateway.id})", flush=True)
-    screen = asyncio.create_task(live.show(
-        view, plain=plain, zones=live.iso_boundaries(cfg),
-        title=lambda: f"edge-gateway watch - gateway {cfg.gateway.id} via {where} - Ctrl-C to stop"))
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=duration)
+        async with asyncio.TaskGroup() as tg:
+            screen = tg.create_task(live.show(
+                view, plain=plain, zones=live.iso_boundaries(cfg),
+                title=lambda: f"edge-gateway watch - gateway {cfg.gateway.id} via {where} - Ctrl-C to stop"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=duration)
+            screen.cancel()
     finally:
-        screen.cancel()
-        await asyncio.gather(screen, return_exceptions=True)
         view.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
