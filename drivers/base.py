@@ -17,6 +17,8 @@ from typing import Any, Protocol
 from gateway.backoff import Backoff
 from gateway.health import DeviceHealth
 from gateway.model import Sample, Waveform, source_of
+from pydantic import model_validator
+
 from gateway.schema import Duration, Name, StrictModel
 
 # How a driver hands over what it read: one Sample, one Waveform, or a list of Samples read
@@ -31,6 +33,14 @@ class DeviceConfig(StrictModel):
     timeout: Duration = 1.0
     reconnect_min: Duration = 0.5
     reconnect_max: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _unique_tag_names(self) -> "DeviceConfig":
+        names = self.tag_names()
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tag names must be unique within a device: {', '.join(twice)}")
+        return self
 
     def tag_names(self) -> list[str]:
         """The tag names this device produces (for check-config and input validation)."""
@@ -113,22 +123,20 @@ async def until_lost(queue: asyncio.Queue, lost: asyncio.Event, what: str) -> As
     For drivers whose peer library pushes data through callbacks (paho, asyncua subscriptions):
     waiting on the queue alone would never notice that the link is gone.
     """
-    lost_wait = asyncio.ensure_future(lost.wait())
-    try:
-        while True:
-            get = asyncio.ensure_future(queue.get())
-            try:
-                done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                get.cancel()
-                raise
-            if get not in done:
-                get.cancel()
-                raise DeviceDisconnected(what)
+    while True:
+        while not queue.empty():  # what arrived before the loss is handed on first
+            yield queue.get_nowait()
+            check_cancelled()
+        if lost.is_set():
+            raise DeviceDisconnected(what)
+        async with asyncio.TaskGroup() as tg:  # whichever comes first cancels the other
+            get = tg.create_task(queue.get(), name="until_lost.get")
+            gone = tg.create_task(lost.wait(), name="until_lost.lost")
+            get.add_done_callback(lambda _: gone.cancel())
+            gone.add_done_callback(lambda _: get.cancel())
+        if not get.cancelled():  # an item taken in the same pass as the loss is still handed on
             yield get.result()
             check_cancelled()
-    finally:
-        lost_wait.cancel()
 
 
 def check_cancelled() -> None:

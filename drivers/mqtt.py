@@ -115,13 +115,6 @@ class MqttConfig(DeviceConfig, BrokerConfig):
     queue_size: int = Field(1000, ge=1)  # messages waiting for the gateway before paho is held back
     subscriptions: list[MqttSubscription] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_tags(self) -> "MqttConfig":
-        tags = [s.tag for s in self.subscriptions]
-        if len(tags) != len(set(tags)):
-            raise ValueError("subscription tags must be unique within a device")
-        return self
-
     def tag_names(self) -> list[str]:
         return [s.tag for s in self.subscriptions]
 

@@ -112,13 +112,6 @@ class OpcUaConfig(DeviceConfig):
     queue_size: int = Field(1000, ge=1)
     tags: list[OpcUaTag] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _check(self) -> "OpcUaConfig":
-        names = [t.name for t in self.tags]
-        if len(names) != len(set(names)):
-            raise ValueError("tag names must be unique within a device")
-        return self
-
     def waveform_tags(self) -> set[str]:
         return {t.name for t in self.tags if t.waveform}
 

@@ -18,6 +18,7 @@ from typing import Any
 import drivers.base as driver_registry
 from gateway import __version__, config as config_mod, logs
 from gateway.analytics import AnalyticsEngine, FeaturePool
+from gateway.aio import first_of
 from gateway.backoff import Backoff
 from gateway.buffer import Buffer
 from gateway.config import GatewayConfig
@@ -349,7 +350,7 @@ class App:
                     self.pipeline = Pipeline(self.cfg, buffer, started_at=self.started_at, app=self)
                     running = tg.create_task(self.pipeline.run(), name="pipeline.run")
                     self.notifier.ready(f"running {len(self.cfg.devices)} devices")
-                    await _first(self._stopping.wait(), self._reload.wait(), running)
+                    await first_of(self._stopping.wait(), self._reload.wait(), running, name="gateway.wait")
                     self.pipeline.stop(final=not self._reload.is_set() or self._stopping.is_set())
                     await running
                     if self._reload.is_set() and not self._stopping.is_set():
@@ -399,14 +400,3 @@ async def retire(tasks: list[asyncio.Task], bound: float = STOP_BOUND) -> None:
     for task in tasks:  # retrieve outcomes, so that none is reported as never retrieved
         if not task.cancelled() and task.exception() is not None:
             log.error("pipeline.task_failed", task=task.get_name(), error=repr(task.exception()))
-
-
-async def _first(*aws) -> None:
-    """Wait until the first of several awaitables finishes; cancel the helper tasks made here."""
-    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
-    made = [t for t, a in zip(tasks, aws) if t is not a]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in made:
-            t.cancel()

@@ -149,36 +149,27 @@ class _Collector:
 DEVICE = [
     ("gauge", "edge_gateway_device_connected", "1 while the device answers", lambda h: int(h.connected)),
     ("counter", "edge_gateway_device_errors_total", "failed exchanges with the device", lambda h: h.errors),
-    ("counter", "edge_gateway_device_bad_values_total", "values that could not be used (malformed, NaN, bad status)",
-     lambda h: h.bad_values),
-    ("counter", "edge_gateway_device_missed_polls_total", "polls skipped because the previous one overran",
-     lambda h: h.missed_polls),
-    ("gauge", "edge_gateway_device_poll_latency_seconds", "round trip of the last successful exchange",
-     lambda h: h.latency_ms / 1000 if h.latency_ms is not None else None),
-    ("gauge", "edge_gateway_device_last_ok_timestamp_seconds", "wall time of the last successful exchange",
-     lambda h: h.last_ok),
+    ("counter", "edge_gateway_device_bad_values_total", "values that could not be used (malformed, NaN, bad status)", lambda h: h.bad_values),
+    ("counter", "edge_gateway_device_missed_polls_total", "polls skipped because the previous one overran", lambda h: h.missed_polls),
+    ("gauge", "edge_gateway_device_poll_latency_seconds", "round trip of the last successful exchange", lambda h: h.latency_ms / 1000 if h.latency_ms is not None else None),
+    ("gauge", "edge_gateway_device_last_ok_timestamp_seconds", "wall time of the last successful exchange", lambda h: h.last_ok),
 ]
 BUFFER = [
     ("gauge", "edge_gateway_buffer_depth", "records waiting to be forwarded", lambda b, now: b.depth),
     ("gauge", "edge_gateway_buffer_bytes", "bytes of the records waiting", lambda b, now: b.bytes),
-    ("gauge", "edge_gateway_buffer_oldest_age_seconds", "age of the oldest record waiting (0 when empty)",
-     lambda b, now: max(0.0, now - oldest) if (oldest := b.oldest_ts()) else 0.0),
-    ("gauge", "edge_gateway_buffer_refused_records", "records the broker refused, waiting to be tried again",
-     lambda b, now: b.refused_count()),
+    ("gauge", "edge_gateway_buffer_oldest_age_seconds", "age of the oldest record waiting (0 when empty)", lambda b, now: max(0.0, now - oldest) if (oldest := b.oldest_ts()) else 0.0),
+    ("gauge", "edge_gateway_buffer_refused_records", "records the broker refused, waiting to be tried again", lambda b, now: b.refused_count()),
 ]
 UPSTREAM_LINK = [
     ("gauge", "edge_gateway_upstream_connected", "1 while connected to the broker", lambda u: int(u.connected)),
     ("counter", "edge_gateway_upstream_published_total", "records the broker acknowledged", lambda u: u.published),
-    ("counter", "edge_gateway_upstream_refused_total", "records the broker refused (PUBACK with a failure code)",
-     lambda u: u.refused),
-    ("counter", "edge_gateway_upstream_reconnects_total", "connections after the first",
-     lambda u: max(0, u.connects - 1)),
+    ("counter", "edge_gateway_upstream_refused_total", "records the broker refused (PUBACK with a failure code)", lambda u: u.refused),
+    ("counter", "edge_gateway_upstream_reconnects_total", "connections after the first", lambda u: max(0, u.connects - 1)),
 ]
 ANALYSIS = [
     ("counter", "edge_gateway_analysis_windows_total", "feature windows computed", lambda s: s["windows"]),
     ("counter", "edge_gateway_analysis_gaps_total", "gaps in the waveform that restarted a window", lambda s: s["gaps"]),
-    ("counter", "edge_gateway_analysis_dropped_samples_total", "samples thrown away by restarts",
-     lambda s: s["dropped_samples"]),
+    ("counter", "edge_gateway_analysis_dropped_samples_total", "samples thrown away by restarts", lambda s: s["dropped_samples"]),
 ]
 
 
