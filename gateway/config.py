@@ -25,7 +25,7 @@ from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesC
 from gateway.metrics import MetricsConfig
 from gateway.model import source_of
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
-from rules.base import REGISTRY as RULE_REGISTRY
+from rules.registry import REGISTRY as RULE_REGISTRY
 
 ENV_PREFIX = "EDGE_GATEWAY__"
 

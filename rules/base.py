@@ -1,9 +1,9 @@
-"""Rule config base, handler base and the registry of rule types.
+"""Rule config base, handler base and `RuleType`, the description of one rule type.
 
 A rule module defines a config model (a `RuleConfig` subclass whose `type` field is a Literal)
 and a handler (a `Handler` subclass, or an alarm judge wrapped by `rules.alarm.alarm_factory`),
-and calls `register()` at import. `gateway.config` builds the discriminated union of rule
-configs from this registry.
+and ends with `RULE = RuleType(...)`. `rules/registry.py` lists every module's RULE in one
+static table, from which `gateway.config` builds the discriminated union of rule configs.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Handler(ABC):
         return changed
 
     def health(self) -> dict[str, Any] | None:
-        """Its fields in the rule type's health section (see `register`), None for none."""
+        """Its fields in the rule type's health section (see `RuleType.health`), None for none."""
         return None
 
     def take_summary_fields(self, device: str, now: float) -> dict[str, Any]:
@@ -101,17 +101,9 @@ class RuleType:
     name: str
     config: type[RuleConfig]
     factory: Callable[[RuleConfig], Handler]
-    health: str | None  # key of its section in the engine's health, listed even when empty
+    health: str | None = None  # key of its section in the engine's health, listed even when empty
 
 
-REGISTRY: dict[str, RuleType] = {}
-
-
-def register(name: str, config: type[RuleConfig], factory: Callable[[RuleConfig], Handler], *,
-             health: str | None = None) -> None:
-    if name in REGISTRY:
-        raise RuntimeError(f"rule type {name!r} registered twice")
-    REGISTRY[name] = RuleType(name, config, factory, health)
 
 
 # --- Shared by the rule modules -------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from gateway.model import Record, Sample, Scalar, iso_ts, split_source
-from rules.base import Handler, RuleConfig, register
+from rules.base import Handler, RuleConfig, RuleType
 
 
 class DowntimeConfig(RuleConfig):
@@ -126,4 +126,4 @@ class DowntimeHandler(Handler):
         return {"availability": {self.tag: availability}}
 
 
-register("downtime", DowntimeConfig, DowntimeHandler, health="downtime")
+RULE = RuleType("downtime", DowntimeConfig, DowntimeHandler, health="downtime")

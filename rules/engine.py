@@ -22,7 +22,8 @@ from typing import Any
 from gateway import logs
 from gateway.model import Clock, Record, Sample, iso_ts, split_source
 from rules.alarm import Alarm
-from rules.base import REGISTRY, SEVERITY_RANK, Handler, RuleConfig
+from rules.base import SEVERITY_RANK, Handler, RuleConfig
+from rules.registry import REGISTRY
 
 log = logs.get("rules.engine")
 

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from rules.base import AlarmRuleConfig, Severity, Verdict, fmt, register
+from rules.base import AlarmRuleConfig, RuleType, Severity, Verdict, fmt
 from rules.alarm import alarm_factory
 
 # ISO 10816-3 / 20816-3: boundaries A/B, B/C, C/D in mm/s RMS by machine group and foundation.
@@ -120,4 +120,4 @@ class Iso10816Rule:
         return Verdict(severity, value, limit, message, {"zone": zone, **self.extra_static})
 
 
-register("iso10816", Iso10816Config, alarm_factory(Iso10816Rule))
+RULE = RuleType("iso10816", Iso10816Config, alarm_factory(Iso10816Rule))

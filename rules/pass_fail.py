@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from gateway.model import Record, Sample
-from rules.base import FiniteFloat, Handler, RuleConfig, numeric, register
+from rules.base import FiniteFloat, Handler, RuleConfig, RuleType, numeric
 
 
 class PassFailConfig(RuleConfig):
@@ -95,4 +95,4 @@ class PassFailHandler(Handler):
         return self.counts()
 
 
-register("pass_fail", PassFailConfig, PassFailHandler, health="pass_fail")
+RULE = RuleType("pass_fail", PassFailConfig, PassFailHandler, health="pass_fail")

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from gateway.schema import Duration
-from rules.base import AlarmRuleConfig, FiniteFloat, Severity, Verdict, fmt, register
+from rules.base import AlarmRuleConfig, FiniteFloat, RuleType, Severity, Verdict, fmt
 from rules.alarm import alarm_factory
 
 # Bounds memory when an input is much faster than its window (e.g. a feature at 100 Hz).
@@ -150,4 +150,4 @@ class RateRule:
         return Verdict(None, rate, limit, f"{cfg.input} changing at {fmt(rate)}{unit}", extra)
 
 
-register("rate", RateConfig, alarm_factory(RateRule))
+RULE = RuleType("rate", RateConfig, alarm_factory(RateRule))

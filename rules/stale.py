@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from gateway.model import Record, Sample, iso_ts, source_of
 from gateway.schema import Duration, Name
 from rules.alarm import Alarm
-from rules.base import Handler, RuleConfig, Severity, Verdict, register
+from rules.base import Handler, RuleConfig, RuleType, Severity, Verdict
 
 
 class StaleConfig(RuleConfig):
@@ -109,4 +109,4 @@ class StaleHandler(Handler):
             self.alarm.restore(state["alarm"])
 
 
-register("stale", StaleConfig, StaleHandler)
+RULE = RuleType("stale", StaleConfig, StaleHandler)

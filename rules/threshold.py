@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from rules.base import AlarmRuleConfig, FiniteFloat, Severity, Verdict, fmt, register
+from rules.base import AlarmRuleConfig, FiniteFloat, RuleType, Severity, Verdict, fmt
 from rules.alarm import alarm_factory
 
 
@@ -65,4 +65,4 @@ class ThresholdRule:
                        f"{cfg.input} {fmt(value)} back {back} {fmt(self.clear)}")
 
 
-register("threshold", ThresholdConfig, alarm_factory(ThresholdRule))
+RULE = RuleType("threshold", ThresholdConfig, alarm_factory(ThresholdRule))
