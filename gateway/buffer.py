@@ -5,11 +5,6 @@ persisted, never reused, not even after the file had to be replaced). A row leav
 the broker acknowledged it (`ack`). When `max_bytes` is reached the oldest rows of the lowest
 priority go first (data, then events, alarms last) and every eviction is counted.
 
-Several upstreams share the one file. Each is a *link* with a bit in the row's `owed` mask,
-set when the row is written for every link that takes its kind; `ack(rows, link)` clears that
-link's bit and the row is deleted when no bit is left. A refusal defers a row for one link only
-(table `deferred`). With one link, which is the common case, `ack` deletes directly.
-
 The cap covers the database and its WAL: the WAL is checkpointed (TRUNCATE) when it passes
 WAL_FRACTION of the cap, freed pages are reused, and the real page use is checked now and then
 beside the fast sum of row sizes. A full disk (SQLITE_FULL, ENOSPC) is not fatal: a reserve file
@@ -47,24 +42,6 @@ WAL_MAX = 1 << 20  # ... or than this
 RESERVE_SLACK = 64 * 1024  # the reserve file holds the WAL limit plus this (room to checkpoint and evict)
 SIZE_CHECK_EVERY = 1.0  # seconds between checks of the real page use against the cap
 FULL_ROUNDS = 8  # evict-and-retry rounds before a write that meets a full disk is given up
-
-
-MAX_LINKS = 62  # bits of the `owed` mask
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """One upstream's cursor: its bit in `owed` and the record kinds it takes (None: all)."""
-    name: str
-    bit: int
-    kinds: frozenset[str] | None = None
-
-    @property
-    def mask(self) -> int:
-        return 1 << self.bit
-
-    def takes(self, kind: str) -> bool:
-        return self.kinds is None or kind in self.kinds
 
 
 @dataclass(slots=True)
@@ -124,8 +101,7 @@ def encode(gateway_id: str, seq: int, record: Record) -> bytes:
 class Buffer:
     def __init__(self, path: str | Path, gateway_id: str, *, max_bytes: int = 1 << 30,
                  durability: str = "normal", readonly: bool = False, clock: Clock = time,
-                 disk_probe_s: float = 10.0,
-                 links: list[tuple[str, frozenset[str] | None]] | None = None) -> None:
+                 disk_probe_s: float = 10.0) -> None:
         self.path = Path(path)
         self._clock = clock
         self._epoch = (clock.time(), clock.monotonic())  # for `now()`
@@ -144,13 +120,6 @@ class Buffer:
         self.dropped: Counter[str] = Counter()  # evictions since start, by kind
         self.appended = 0
         self.acked = 0
-        self._wanted_links = links or [("upstream", None)]
-        self.links: list[Link] = []  # as configured, in order; set when the file is opened
-        self._owed_of_kind: dict[str, int] = {}
-        self._link_depth: dict[int, int] = {}  # bit -> rows owed to it
-        self.dropped_by_link: Counter[str] = Counter()  # evicted rows that a link never received, since start
-        self._deferred = 0  # rows in `deferred`; 0 keeps the fetch fast
-        self._owed_column = True  # False only for `buffer stats|dump` of a file no daemon has opened since links came
         self._conn: sqlite3.Connection | None = None
         self.readonly = readonly
         if readonly:
@@ -203,14 +172,6 @@ class Buffer:
             self._seq_reserved = 1 << 62  # never writes the side file
             self._bytes, self._depth = self.conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
             self._dropped_total = int(self._meta("dropped") or 0)
-            has = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            self._owed_column = "owed" in {r[1] for r in self.conn.execute("PRAGMA table_info(outbox)")}
-            if "links" in has:
-                self.links = [Link(n, b) for n, b in self.conn.execute("SELECT name, bit FROM links ORDER BY rowid")]
-            else:  # written by a version with one upstream
-                self.links = [Link("upstream", 0)]
-            self._count_links()
-            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0] if "deferred" in has else 0
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path} is not a readable buffer: {exc}") from None
 
@@ -227,13 +188,13 @@ class Buffer:
         db = sqlite_utils.Database(conn)
         db["outbox"].create(
             {"seq": int, "topic": str, "payload": bytes, "retain": int, "priority": int, "kind": str,
-             "ts": float, "size": int, "owed": int},
-            pk="seq", if_not_exists=True, not_null={"owed"}, defaults={"owed": 1},
+             "ts": float, "size": int, "not_before": float, "attempts": int},
+            pk="seq", if_not_exists=True,
+            defaults={"not_before": 0.0, "attempts": 0},
         )
         db["outbox"].create_index(["priority", "seq"], if_not_exists=True)
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        self._open_links(conn)
         self._next_seq, reset = self._start_seq(moved_aside)
         if reset:
             # Persist the new start at once (meta and side file): a restart, and `buffer stats`,
@@ -305,69 +266,6 @@ class Buffer:
     def _meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
-
-    def _open_links(self, conn: sqlite3.Connection) -> None:
-        """Match the configured upstreams with the links in the file. A file from before links
-        (or a new file) gets them all, its rows owed to every link that takes their kind. A link
-        that is new to an existing file is owed what is written from now on; one that is gone
-        from the configuration has its bit cleared (rows no other link wants are deleted, and the
-        count is logged). One link renamed into one other link keeps its bit and its rows."""
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        first = "links" not in tables
-        with self._transaction():
-            if "owed" not in columns:
-                conn.execute("ALTER TABLE outbox ADD COLUMN owed INTEGER NOT NULL DEFAULT 1")
-            conn.execute("CREATE TABLE IF NOT EXISTS links (name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE)")
-            conn.execute("CREATE TABLE IF NOT EXISTS deferred (bit INTEGER NOT NULL, seq INTEGER NOT NULL,"
-                         " not_before REAL NOT NULL, attempts INTEGER NOT NULL, PRIMARY KEY (bit, seq))")
-            old = dict(conn.execute("SELECT name, bit FROM links"))
-            wanted = [name for name, _ in self._wanted_links]
-            gone = [n for n in old if n not in wanted]
-            new = [n for n in wanted if n not in old]
-            if len(gone) == 1 and len(new) == 1 and len(old) == 1:
-                conn.execute("UPDATE links SET name=? WHERE name=?", (new[0], gone[0]))
-                log.info("buffer.link_renamed", old=gone[0], new=new[0])
-                old, gone, new = {new[0]: old[gone[0]]}, [], []
-            for name in gone:
-                bit = old.pop(name)
-                owed = conn.execute("SELECT COUNT(*) FROM outbox WHERE owed & ?", (1 << bit,)).fetchone()[0]
-                conn.execute("UPDATE outbox SET owed = owed & ~? WHERE owed & ?", (1 << bit, 1 << bit))
-                deleted = conn.execute("DELETE FROM outbox WHERE owed=0").rowcount
-                conn.execute("DELETE FROM deferred WHERE bit=?", (bit,))
-                conn.execute("DELETE FROM links WHERE name=?", (name,))
-                log.warning("buffer.link_removed", upstream=name, unsent=owed, deleted=deleted,
-                            hint="this upstream is no longer configured: what it had not received is not kept for it")
-            used = set(old.values())
-            for name in new:
-                bit = next(b for b in range(MAX_LINKS) if b not in used)
-                used.add(bit)
-                conn.execute("INSERT INTO links (name, bit) VALUES (?, ?)", (name, bit))
-                old[name] = bit
-            self.links = [Link(name, old[name], kinds) for name, kinds in self._wanted_links]
-            self._owed_of_kind = {}
-            if first:  # every row written before links existed is owed to each link that takes its kind
-                for kind, in conn.execute("SELECT DISTINCT kind FROM outbox").fetchall():
-                    conn.execute("UPDATE outbox SET owed=? WHERE kind=?", (self._owed(kind), kind))
-                conn.execute("DELETE FROM outbox WHERE owed=0")
-                if "attempts" in columns:  # refusals counted by a version with one upstream
-                    conn.execute("INSERT OR IGNORE INTO deferred SELECT ?, seq, 0, attempts FROM outbox WHERE attempts>0",
-                                 (self.links[0].bit,))
-        self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
-        self._count_links()
-
-    def _owed(self, kind: str) -> int:
-        mask = self._owed_of_kind.get(kind)
-        if mask is None:
-            mask = self._owed_of_kind[kind] = sum(link.mask for link in self.links if link.takes(kind))
-        return mask
-
-    def _count_links(self) -> None:
-        if len(self.links) == 1:
-            self._link_depth = {self.links[0].bit: self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]}
-            return
-        self._link_depth = {link.bit: self.conn.execute("SELECT COUNT(*) FROM outbox WHERE owed & ?",
-                                                        (link.mask,)).fetchone()[0] for link in self.links}
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -523,12 +421,9 @@ class Buffer:
         rows = []
         seq = self._next_seq
         for r in records:
-            owed = self._owed(r.kind)
-            if not owed:
-                continue  # no upstream takes this kind (e.g. Sparkplug values with only JSON upstreams)
             payload = encode(self.gateway_id, seq, r)
             size = len(payload) + len(r.topic) + ROW_OVERHEAD
-            rows.append((seq, r.topic, payload, int(r.retain), r.priority, r.kind, r.ts, size, owed))
+            rows.append((seq, r.topic, payload, int(r.retain), r.priority, r.kind, r.ts, size))
             seq += 1
         if not rows and not state:
             return []
@@ -538,8 +433,7 @@ class Buffer:
             self._reserve_seq(seq - 1)
             if rows:
                 conn.executemany(
-                    "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size, owed)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size) VALUES (?,?,?,?,?,?,?,?)",
                     rows,
                 )
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq - 1),))
@@ -560,8 +454,6 @@ class Buffer:
         self._bytes += need
         self._depth += len(rows)
         self.appended += len(rows)
-        for link in self.links:
-            self._link_depth[link.bit] += sum(1 for r in rows if r[8] & link.mask)
         self._check_size()
         cap = self._cap()
         if self._bytes > cap:
@@ -594,28 +486,22 @@ class Buffer:
     def _evict(self, target: int) -> Counter[str]:
         """Drop oldest rows of the lowest priority until row bytes are at most `target`; count each."""
         dropped: Counter[str] = Counter()
-        by_link: Counter[int] = Counter()
         with self._transaction() as conn:
             left = self._bytes
             while left > target:
                 batch = conn.execute(
-                    "SELECT seq, size, kind, owed FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
+                    "SELECT seq, size, kind FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
                 ).fetchall()
                 if not batch:
                     break
                 cut = []
-                for seq, size, kind, owed in batch:
+                for seq, size, kind in batch:
                     cut.append((seq,))
                     left -= size
                     dropped[kind] += 1
-                    for link in self.links:
-                        if owed & link.mask:
-                            by_link[link.bit] += 1
                     if left <= target:
                         break
                 conn.executemany("DELETE FROM outbox WHERE seq=?", cut)
-                if self._deferred:
-                    conn.executemany("DELETE FROM deferred WHERE seq=?", cut)
             total = self._dropped_total + sum(dropped.values())
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (str(total),))
         # only now: a transaction that failed (full disk) changed nothing
@@ -623,12 +509,6 @@ class Buffer:
         self._depth -= sum(dropped.values())
         self._dropped_total = total
         self.dropped.update(dropped)
-        for link in self.links:
-            self._link_depth[link.bit] -= by_link[link.bit]
-            if by_link[link.bit]:
-                self.dropped_by_link[link.name] += by_link[link.bit]
-        if self._deferred:
-            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
         return dropped
 
     # ----- forwarding -----
@@ -646,107 +526,66 @@ class Buffer:
         return wall + (self._clock.monotonic() - mono)
 
     def _release_deferred(self) -> None:
-        if self._deferred:
-            self._write(lambda conn: conn.execute("UPDATE deferred SET not_before=0 WHERE not_before>0"))
+        if self.conn.execute("SELECT 1 FROM outbox WHERE not_before>0 LIMIT 1").fetchone():
+            self._write(lambda conn: conn.execute("UPDATE outbox SET not_before=0 WHERE not_before>0"))
 
-    def fetch(self, after: dict[int, int], limit: int, now: float | None = None, link: int = 0) -> list[Row]:
-        """Rows due for sending to link number `link` (in the configured order), highest priority
-        first, each priority in seq order after `after[p]`. `now` is on the buffer's clock."""
+    def fetch(self, after: dict[int, int], limit: int, now: float | None = None) -> list[Row]:
+        """Rows due for sending, highest priority first, each priority in seq order after `after[p]`.
+        `now` is on the buffer's clock (default `now()`)."""
         now = self.now() if now is None else now
-        mask = self.links[link].mask
-        sql, extra = "SELECT seq, topic, payload, retain, priority, size FROM outbox WHERE priority=? AND seq>?", ()
-        if len(self.links) > 1:
-            sql, extra = sql + " AND owed & ?", (mask,)
-        if self._deferred:
-            sql += " AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.bit=? AND d.seq=outbox.seq AND d.not_before>?)"
-            extra += (self.links[link].bit, now)
-        sql += " ORDER BY seq LIMIT ?"
         out: list[Row] = []
         for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):
             if len(out) >= limit:
                 break
-            cur = self.conn.execute(sql, (priority, after.get(priority, 0), *extra, limit - len(out)))
+            cur = self.conn.execute(
+                "SELECT seq, topic, payload, retain, priority, size FROM outbox"
+                " WHERE priority=? AND seq>? AND not_before<=? ORDER BY seq LIMIT ?",
+                (priority, after.get(priority, 0), now, limit - len(out)),
+            )
             out.extend(Row(s, t, p, bool(r), pr, sz) for s, t, p, r, pr, sz in cur)
         return out
 
-    def ack(self, rows: list[Row], link: int = 0) -> None:
-        """The broker of link number `link` has the rows: clear its bit, delete what nobody is owed."""
+    def ack(self, rows: list[Row]) -> None:
+        """The broker has the rows: delete them."""
         if not rows:
             return
-        bit = self.links[link].bit
-        deleted: list[tuple[int, int]] = []  # (seq, size) of rows removed from the file
-        cleared = 0
+        deleted = 0
 
         def delete(conn: sqlite3.Connection) -> None:
-            nonlocal deleted, cleared
-            seqs = [(r.seq,) for r in rows]
-            if len(self.links) == 1:
-                n = conn.executemany("DELETE FROM outbox WHERE seq=?", seqs).rowcount
-                cleared = n
-                deleted = [(r.seq, r.size) for r in rows] if n == len(rows) else []
-                if n != len(rows):  # rows evicted while in flight are gone already
-                    deleted = [(0, -1)]
-            else:
-                mask = 1 << bit
-                cleared = conn.executemany("UPDATE outbox SET owed = owed & ~? WHERE seq=? AND owed & ?",
-                                           [(mask, r.seq, mask) for r in rows]).rowcount
-                deleted = []
-                for i in range(0, len(rows), 500):
-                    part = [r.seq for r in rows[i:i + 500]]
-                    marks = ",".join("?" * len(part))
-                    deleted += conn.execute(f"SELECT seq, size FROM outbox WHERE owed=0 AND seq IN ({marks})",
-                                            part).fetchall()
-                conn.executemany("DELETE FROM outbox WHERE seq=?", [(q,) for q, _ in deleted])
-            if self._deferred:
-                conn.executemany("DELETE FROM deferred WHERE bit=? AND seq=?", [(bit, r.seq) for r in rows])
+            nonlocal deleted
+            deleted = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
 
         if not self._write(delete):
             return  # the disk is full: the rows stay and are sent again (at least once)
         conn = self.conn
-        if deleted == [(0, -1)]:
-            self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
-            gone = cleared
+        # Rows evicted while in flight are gone already: account only what this call removed.
+        if deleted == len(rows):
+            self._bytes -= sum(r.size for r in rows)
+            self._depth -= deleted
         else:
-            self._bytes -= sum(size for _, size in deleted)
-            self._depth -= len(deleted)
-            gone = len(deleted)
-        self._link_depth[bit] -= cleared
-        if self._deferred:
-            self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
-        self.acked += gone
+            self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
+        self.acked += deleted
         if self.full and self._bytes <= int(self._cap() * 0.9):
             self.full = False
             log.info("buffer.not_full", evicted=dict(self._episode), bytes=self._bytes, max_bytes=self.max_bytes)
             self._episode.clear()
 
-    def defer(self, rows: list[Row], delay: float, link: int = 0) -> None:
-        """The broker of link number `link` refused the rows: keep them, try again after `delay`
-        seconds (the other links are not held back)."""
-        if not rows:
-            return
-        bit, due = self.links[link].bit, self.now() + delay
-        if self._write(lambda conn: conn.executemany(
-                "INSERT INTO deferred (bit, seq, not_before, attempts) VALUES (?, ?, ?, 1)"
-                " ON CONFLICT (bit, seq) DO UPDATE SET not_before=excluded.not_before, attempts=attempts+1",
-                [(bit, r.seq, due) for r in rows])):
-            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
+    def defer(self, rows: list[Row], delay: float) -> None:
+        """The broker refused the rows: keep them, try again after `delay` seconds."""
+        if rows:
+            self._write(lambda conn: conn.executemany(
+                "UPDATE outbox SET not_before=?, attempts=attempts+1 WHERE seq=?",
+                [(self.now() + delay, r.seq) for r in rows],
+            ))
 
-    def next_due(self, link: int = 0) -> float | None:
-        """When (on the buffer's clock, `now()`) the earliest deferred row of the link becomes due
-        again (None if none is deferred)."""
-        if not self._deferred:
-            return None
-        row = self.conn.execute("SELECT MIN(not_before) FROM deferred WHERE bit=? AND not_before>0",
-                                (self.links[link].bit,)).fetchone()
+    def next_due(self) -> float | None:
+        """When (on the buffer's clock, `now()`) the earliest deferred row becomes due again
+        (None if none is deferred)."""
+        row = self.conn.execute("SELECT MIN(not_before) FROM outbox WHERE not_before>0").fetchone()
         return row[0] if row and row[0] else None
 
-    def refused_count(self, link: int | None = None) -> int:
-        """Rows a broker refused at least once and still waiting (for one link, or any)."""
-        if not self._deferred:
-            return 0
-        if link is None:
-            return self.conn.execute("SELECT COUNT(DISTINCT seq) FROM deferred").fetchone()[0]
-        return self.conn.execute("SELECT COUNT(*) FROM deferred WHERE bit=?", (self.links[link].bit,)).fetchone()[0]
+    def refused_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM outbox WHERE attempts>0").fetchone()[0]
 
     # ----- rule state (written with the records in `append`) -----
 
@@ -754,29 +593,29 @@ class Buffer:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM state")}
 
     # ----- inspection -----
-    # Read-only views of counters kept in step by the writing methods.
-    depth = property(lambda self: self._depth, doc="rows waiting for at least one upstream")
-    bytes = property(lambda self: self._bytes, doc="their size, as counted for the cap")
-    next_seq = property(lambda self: self._next_seq, doc="the seq the next record gets")
-    dropped_total = property(lambda self: self._dropped_total, doc="records evicted or lost, ever (persisted)")
 
-    def link_depth(self, link: int = 0) -> int:
-        """Rows still owed to link number `link`."""
-        return self._link_depth[self.links[link].bit]
+    @property
+    def depth(self) -> int:
+        return self._depth
 
-    def oldest_ts(self, link: int | None = None) -> float | None:
-        if link is None or len(self.links) == 1:
-            return self.conn.execute("SELECT MIN(ts) FROM outbox").fetchone()[0]
-        return self.conn.execute("SELECT MIN(ts) FROM outbox WHERE owed & ?", (self.links[link].mask,)).fetchone()[0]
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def dropped_total(self) -> int:
+        return self._dropped_total
+
+    def oldest_ts(self) -> float | None:
+        return self.conn.execute("SELECT MIN(ts) FROM outbox").fetchone()[0]
 
     def stats(self) -> dict[str, Any]:
         oldest = self.oldest_ts()
         by_kind = {k: n for k, n in self.conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind")}
-        by_upstream = {}
-        for i, link in enumerate(self.links):
-            first = self.oldest_ts(i)
-            by_upstream[link.name] = {"depth": self._link_depth[link.bit], "oldest_ts": iso_ts(first) if first else None,
-                                      "refused": self.refused_count(i), "dropped": self.dropped_by_link[link.name]}
         return {
             "path": str(self.path),
             "depth": self._depth,
@@ -787,7 +626,6 @@ class Buffer:
             "oldest_ts": iso_ts(oldest) if oldest else None,
             "oldest_age_s": round(time.time() - oldest, 3) if oldest else None,
             "by_kind": by_kind,
-            "by_upstream": by_upstream,
             "refused": self.refused_count(),
             "next_seq": self._next_seq,
             "dropped": self._dropped_total,
@@ -795,14 +633,11 @@ class Buffer:
         }
 
     def dump(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        names = {link.name: link.mask for link in self.links}
-        attempts = "(SELECT MAX(attempts) FROM deferred d WHERE d.seq=outbox.seq)" if self._deferred else "0"
-        owed = "owed" if self._owed_column else "-1"
-        sql = f"SELECT seq, topic, retain, kind, {attempts}, {owed}, payload FROM outbox ORDER BY priority DESC, seq"
+        sql = "SELECT seq, topic, retain, kind, attempts, payload FROM outbox ORDER BY priority DESC, seq"
         params: tuple = ()
         if limit is not None:
             sql += " LIMIT ?"
             params = (limit,)
-        for seq, topic, retain, kind, tries, owed, payload in self.conn.execute(sql, params):
-            yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": tries or 0,
-                   "owed_to": [n for n, m in names.items() if owed & m], "payload": json.loads(payload)}
+        for seq, topic, retain, kind, attempts, payload in self.conn.execute(sql, params):
+            yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": attempts,
+                   "payload": json.loads(payload)}
