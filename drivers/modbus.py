@@ -17,16 +17,18 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from pymodbus import FramerType
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-
 from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, check_cancelled, every,
                           mark_bad, register, supervise)
 from gateway import logs
 from gateway.health import DeviceHealth
+from gateway.lazy import lazy
 from gateway.model import Quality, Sample, source_of
 from gateway.schema import Duration, Name, StrictModel
+
+# Imported by the first connection, not by config validation (see gateway.lazy).
+pymodbus = lazy("pymodbus")
+pymodbus_client = lazy("pymodbus.client")
+pymodbus_exceptions = lazy("pymodbus.exceptions")
 
 log = logs.get("drivers.modbus")
 
@@ -327,13 +329,13 @@ class TcpLink:
 
     def __init__(self, cfg: ModbusConfig) -> None:
         # reconnect_delay=0: pymodbus must not reconnect behind our back; `supervise` does it.
-        self.client = AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
+        self.client = pymodbus_client.AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
                                            reconnect_delay=0, name=f"modbus-{cfg.name}")
 
     async def open(self) -> None:
         try:
             connected = await self.client.connect()
-        except (OSError, ModbusException) as exc:
+        except (OSError, pymodbus_exceptions.ModbusException) as exc:
             raise DeviceDisconnected(f"connect failed: {exc}") from None
         if not connected:
             raise DeviceDisconnected("connect failed")
@@ -364,7 +366,7 @@ class SerialBus:
         self.lock = asyncio.Lock()
         self.requests = 0
         self._users = 0
-        self.client = AsyncModbusSerialClient(serial.port, framer=FramerType.RTU, baudrate=serial.baudrate,
+        self.client = pymodbus_client.AsyncModbusSerialClient(serial.port, framer=pymodbus.FramerType.RTU, baudrate=serial.baudrate,
                                               bytesize=serial.bytesize, parity=serial.parity,
                                               stopbits=serial.stopbits, timeout=timeout, retries=retries,
                                               reconnect_delay=0, name=f"rtu-{serial.port}")
@@ -386,7 +388,7 @@ class SerialBus:
                 return
             try:
                 connected = await self.client.connect()
-            except (OSError, ModbusException) as exc:
+            except (OSError, pymodbus_exceptions.ModbusException) as exc:
                 raise DeviceDisconnected(f"cannot open {self.settings.port}: {exc}") from None
             if not connected:
                 raise DeviceDisconnected(f"cannot open {self.settings.port}")
@@ -470,7 +472,7 @@ class ModbusDriver:
             check_cancelled()  # pymodbus's wait_for can swallow a stop request (Python 3.11)
         except DriverError:
             raise
-        except ModbusException as exc:
+        except pymodbus_exceptions.ModbusException as exc:
             if not link.connected:
                 raise DeviceDisconnected(str(exc)) from None
             raise NoAnswer(f"no answer to {request.table}@{request.address}+{request.count}") from None

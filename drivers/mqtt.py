@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from pydantic import Field, field_validator, model_validator
@@ -29,9 +28,13 @@ from pydantic import Field, field_validator, model_validator
 from drivers.base import DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, register, supervise, until_lost
 from gateway import logs
 from gateway.health import DeviceHealth
+from gateway.lazy import lazy
 from gateway.model import Quality, Sample, Waveform, source_of
 from gateway.mqttclient import Inbox, Session, SessionError
 from gateway.schema import BrokerConfig, Duration, Name, StrictModel
+
+# NumPy only for waveform payloads, imported with the first one (see gateway.lazy).
+np = lazy("numpy")
 
 log = logs.get("drivers.mqtt")
 
