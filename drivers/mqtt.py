@@ -416,7 +416,7 @@ class MqttDriver:
                         self.health.ok(now=received)
                         await self.handle(msg.topic, msg.payload, received, emit)
         except SessionError as exc:
-            raise DeviceDisconnected(str(exc)) from None
+            raise DeviceDisconnected(str(exc), retry_soon=exc.retry_soon) from None
 
 
 def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> MqttDriver:
