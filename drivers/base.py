@@ -43,6 +43,10 @@ class DeviceConfig(StrictModel):
         """Tags that produce Waveform blocks rather than scalar Samples."""
         return set()
 
+    def summary(self) -> str:
+        """One line of what check-config shows besides the tags ("" for nothing more)."""
+        return ""
+
 
 class Driver(Protocol):
     config: DeviceConfig
