@@ -264,11 +264,11 @@ def pipeline(args: argparse.Namespace) -> int:
           f"{seconds:.0f} s windows; {os.cpu_count()} cores")
     print(f"  raw ceiling: pymodbus read_holding_registers of {n} registers, 125 a request: {raw:,.0f} registers/s")
     print(f"  {'load':<8} {'offered/s':>10} {'delivered/s':>12} {'ratio':>6} {'of raw':>7} {'CPU %':>6} "
-          f"{'RSS start':>10} {'RSS end':>8} {'req/poll':>8} {'missed polls/s':>14}")
+          f"{'RSS start':>10} {'RSS end':>8} {'req/poll':>8} {'missed polls/s':>14} {'loop lag max':>12}")
     for r in results:
         print(f"  {r['label']:<8} {r['offered']:>10,.0f} {r['delivered']:>12,.0f} {r['delivered'] / r['offered']:>6.1%} "
               f"{r['delivered'] / raw:>7.1%} {r['cpu']:>6.1f} {r['rss0']:>8.1f}MB {r['rss1']:>6.1f}MB "
-              f"{r['requests'] or 0:>8} {r['missed'] / seconds:>14.1f}")
+              f"{r['requests'] or 0:>8} {r['missed'] / seconds:>14.1f} {(r['loop_lag'] or {}).get('max_ms', 0):>10.1f}ms")
     if args.minutes:
         r = results[0]
         values = [mb for _, mb in r["rss"]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.analytics.summary import Summaries
@@ -128,11 +128,19 @@ class AnalyticsEngine:
     # ------------------------------------------------------------------ scalar samples
 
     def on_sample(self, s: Sample) -> None:
-        unit = self._speed_tags.get(s.source)
-        if unit is not None and s.quality is Quality.GOOD and isinstance(s.value, (int, float)) \
-                and not isinstance(s.value, bool) and math.isfinite(s.value) and s.value > 0:
-            self._speeds[s.source] = float(s.value) / 60.0 if unit == "rpm" else float(s.value)
-        self._summaries.add(s)
+        self.on_samples((s,))
+
+    def on_samples(self, samples: list[Sample] | tuple[Sample, ...],
+                   on_error: Callable[[Sample], None] | None = None) -> None:
+        """Scalar samples in arrival order: the summaries, and the shaft speeds analyses use. A
+        sample that fails goes to `on_error` (when given) and the others go on."""
+        if self._speed_tags:
+            for s in samples:
+                unit = self._speed_tags.get(s.source)
+                if unit is not None and s.quality is Quality.GOOD and isinstance(s.value, (int, float)) \
+                        and not isinstance(s.value, bool) and math.isfinite(s.value) and s.value > 0:
+                    self._speeds[s.source] = float(s.value) / 60.0 if unit == "rpm" else float(s.value)
+        self._summaries.add_many(samples, on_error)
 
     def flush_summaries(self, now: float) -> list[Record]:
         return self._summaries.flush(now)
