@@ -295,7 +295,10 @@ def vibration(args: argparse.Namespace) -> int:
                                spectrum={"peaks": 5, "bands": [[10, 1000], [1000, 5000]]})
                 for i in range(channels)]
     results = []
-    for workers in (1, default_workers()) if default_workers() > 1 else (1,):
+    from gateway import logs
+
+    logs.configure("error", json=False)  # the pool logs each switch between full and flowing
+    for workers in (1, max(2, default_workers())):
         limit.phase(f"vibration: {channels} channels with {workers} worker(s)")
         results.append(asyncio.run(_vibration_run(analyses, channels, fs, block, workers, args.seconds,
                                                   AnalyticsConfig().queue, SummariesConfig())))
