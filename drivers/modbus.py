@@ -23,6 +23,7 @@ from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, Drive
                           check_cancelled, every, mark_bad, supervise)
 from drivers.modbus_tcp import NoResponse, PipelinedClient
 from gateway import logs
+from gateway.backoff import is_nearby, refused_nearby
 from gateway.health import DeviceHealth
 from gateway.lazy import lazy
 from gateway.model import Quality, Sample, source_of
@@ -390,6 +391,7 @@ class TcpLink:
     flight (same call interface)."""
 
     def __init__(self, cfg: ModbusConfig) -> None:
+        self.host, self.port, self.timeout = cfg.host, cfg.port, cfg.timeout
         if cfg.max_outstanding > 1:
             self.client: Any = PipelinedClient(cfg.host, cfg.port, timeout=cfg.timeout, retries=cfg.retries,
                                                max_outstanding=cfg.max_outstanding)
@@ -402,11 +404,28 @@ class TcpLink:
         try:
             connected = await self.client.connect()
         except (OSError, TimeoutError) as exc:
-            raise DeviceDisconnected(f"connect failed: {exc or type(exc).__name__}") from None
+            raise DeviceDisconnected(f"connect failed: {exc or type(exc).__name__}",
+                                     retry_soon=refused_nearby(exc, self.host)) from None
         except pymodbus_exceptions.ModbusException as exc:
             raise DeviceDisconnected(f"connect failed: {exc}") from None
         if not connected:
-            raise DeviceDisconnected("connect failed")
+            raise DeviceDisconnected("connect failed", retry_soon=await self._refused_nearby())
+
+    async def _refused_nearby(self) -> bool:
+        """pymodbus reports a failed connect only as False. One plain TCP connect tells whether a
+        device on this host or the LAN refused it (it is restarting: retry within half a second)
+        from a timeout or an unreachable network (back off as usual)."""
+        if not is_nearby(self.host):
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(self.host, self.port)
+        except ConnectionRefusedError:
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()  # it answers now: a retry soon is right as well
+        return True
 
     async def exchange(self, read: Reader) -> Any:
         if not self.client.connected:
