@@ -242,6 +242,7 @@ class Pipeline:
             "analyses": self.analytics.stats(),
             "analytics": self.features.stats(),
             "rules": self.rules.health(),
+            "commands": self.commands.stats(),
             "loop_lag": self.loop_lag.to_dict(),
         }
 

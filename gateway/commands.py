@@ -127,6 +127,11 @@ class CommandRouter:
         self._token = read_secret(cfg.token_file).encode() if cfg.token_file is not None else None
         self.counts: collections.Counter[str] = collections.Counter()  # outcome -> requests
 
+    def stats(self) -> dict[str, Any]:
+        """For `health`: requests by outcome since this pipeline started, ids remembered."""
+        return {"write_enabled": self.cfg.write, **{k: self.counts[k] for k in ("done", "refused", "failed", "duplicate")},
+                "remembered_ids": len(self.memory), "evicted_ids": self.memory.evicted}
+
     async def handle(self, name: str, request: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """The reply to one request; every request also leaves one audit record."""
         received = self.clock()
