@@ -178,3 +178,15 @@ async def test_token(modbus_sim, tmp_path):
     assert modbus_sim.writes.total() == 1
     assert all("token" not in p and "s3cret" not in str(p) for p in audit.payloads())
     assert [p["outcome"] for p in audit.payloads()] == ["refused"] * 3 + ["done"]
+
+
+async def test_a_device_exception_is_a_failure_not_a_success(modbus_sim):
+    """Holding 0-15 of the simulator refuse writes (exception 2): the reply says so."""
+    port = sim_port(modbus_sim)
+    tags = [{"name": "live", "address": 6, "type": "uint16", "writable": True}]
+    async with running(modbus_driver(port, tags)) as driver:
+        router, audit = router_for(driver)
+        reply = await router.handle("write", {"id": "x1", "device": "press1", "tag": "live", "value": 1})
+    assert reply["ok"] is False and reply["reason"] == "device_error" and "exception code 2" in reply["error"]
+    assert modbus_sim.writes[(1, "holding")] == 1
+    assert audit.payloads()[0]["outcome"] == "failed"
