@@ -227,6 +227,12 @@ class CommandRouter:
             raise Refusal("bad_request", f"unknown command {name!r}")
         except Refusal as refusal:
             return self._refused(refusal)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a driver's bug must still get an answer and an audit record
+            log.exception("commands.failed", command=name, id=request.get("id"))
+            return {"ok": False, "reason": "device_error", "error": f"{type(exc).__name__}: {exc} "
+                    "(the device may have taken it)"}
 
     async def _write(self, request: dict[str, Any]) -> dict[str, Any]:
         device, target = self._target(request)
