@@ -120,7 +120,7 @@ class CommandRouter:
         self.cfg = cfg
         self.targets = targets
         self.store = store
-        self.memory = memory or RequestMemory()
+        self.memory = memory if memory is not None else RequestMemory()  # (an empty one is falsy)
         self.memory.configure(cfg.dedup_window, cfg.dedup_max)
         self.clock = clock
         # read once per pipeline (a reload reads it again); bytes, for hmac.compare_digest

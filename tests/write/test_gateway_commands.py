@@ -183,3 +183,19 @@ async def test_audit_survives_kill_9_before_forwarding(tmp_path, mosquitto_facto
             proc.terminate()
             proc.wait(10)
         collector.close()
+
+
+async def test_request_ids_are_remembered_across_a_reload(tmp_path, mosquitto, modbus_sim):
+    port = modbus_sim.server.comm_params.source_address[1]
+    raw = base_config(tmp_path, mosquitto, devices=[press_device(port)], commands={"write": True})
+    async with running_gateway(tmp_path, raw) as app:
+        assert await until(lambda: app.pipeline and app.pipeline.drivers[0].health.connected, 15)
+        request = {"id": "before-reload", "device": "press1", "tag": "scratch", "value": 11}
+        assert (await app.command("write", dict(request), {}))["ok"]
+        old = app.pipeline
+        assert app.request_reload() == []
+        assert await until(lambda: app.pipeline is not old and app.pipeline.drivers[0].health.connected, 15)
+        again = await app.command("write", dict(request), {})
+        assert again["ok"] and again.get("duplicate") is True, again
+        assert app.pipeline.health_payload()["commands"]["duplicate"] == 1
+    assert modbus_sim.writes[(1, "holding")] == 1
