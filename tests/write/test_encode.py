@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -30,10 +29,6 @@ def test_registers_decode_then_encode_to_the_same_registers(type_, byte_order, w
         with pytest.raises(WriteRefused):
             encode_value(tag, value)
         return
-    if isinstance(value, float) and value == 0.0 and math.copysign(1, value) < 0:
-        registers = decoded_regs = encode_value(tag, value)  # -0.0 keeps its sign bit
-        assert decoded(tag, decoded_regs) == 0.0
-        return
     assert encode_value(tag, value) == registers
     assert decoded(tag, encode_value(tag, value)) == value
 
@@ -50,9 +45,8 @@ def test_scaled_values_round_trip_exactly(type_, byte_order, word_order, scale, 
                     offset=offset, writable=True)
     value = raw * scale + offset  # what the decoder gives for the raw register value
     registers = encode_value(tag, value)
-    code = (">" if byte_order == "big" else "<") + "H"
     assert decoded(tag, registers) == value
-    assert len(registers) == _FORMATS[type_][1] and all(0 <= r <= 0xFFFF for r in registers), struct.calcsize(code)
+    assert len(registers) == _FORMATS[type_][1] and all(0 <= r <= 0xFFFF for r in registers)
 
 
 @settings(max_examples=200, deadline=None)

@@ -69,3 +69,16 @@ async def test_a_method_call_returns_its_outputs_once_per_id(opcua_sim):
     assert opcua_sim.calls == [(3, 12.5), (11, 1.0)]  # the repeat and the refusals never reached the server
     first = audit.payloads()[0]
     assert first["client_id"] == "hmi-7" and first["method"] == "start_test" and first["outputs"] == [True, 1]
+
+
+async def test_verify_false_skips_the_read_back_and_a_lost_session_refuses(opcua_sim):
+    tags = [{"name": "mode", "node": "ns=2;s=Oven.Mode", "writable": True, "verify": False}]
+    driver = opcua_driver(opcua_sim.endpoint, tags=tags, methods=[])
+    async with running(driver):
+        router, audit = router_for(driver)
+        reply = await router.handle("write", {"id": "v1", "device": "oven", "tag": "mode", "value": -7})
+        assert reply["ok"] and reply["results"][0]["read_back"] is None
+        assert await value_of(opcua_sim, "Mode") == -7
+    reply = await router.handle("write", {"id": "v2", "device": "oven", "tag": "mode", "value": 5})
+    assert reply["reason"] == "disconnected" and reply["sent"] is False
+    assert await value_of(opcua_sim, "Mode") == -7
