@@ -582,17 +582,22 @@ class Buffer:
 
     # ----- writing -----
 
-    def append(self, records: Iterable[Record], state: dict[str, Any] | None = None) -> list[int]:
-        """Write records (and rule state changes) in one transaction; return their seqs."""
+    def append(self, records: Iterable[Record], state: dict[str, Any] | None = None,
+               link: str | None = None) -> list[int]:
+        """Write records (and rule state changes) in one transaction; return their seqs, one per
+        record (0 for a record no link takes: not stored). `link`: owed to that link only (e.g.
+        the alarm replay after one upstream reconnected), else to every link taking its kind."""
         rows = []
         seqs: list[int] = []
         seq = self._next_seq
         owed_of = self._owed_of
+        only = self.link(link).mask if link is not None else -1
         for r in records:
             kind = r.topic.split("/", 1)[0]
             owed = owed_of.get(kind)
             if owed is None:
                 owed = self._owed(kind)
+            owed &= only
             if not owed:  # no upstream takes this kind: not stored, no seq used
                 seqs.append(0)
                 continue

@@ -120,9 +120,14 @@ def cmd_buffer(args) -> int:
             if args.json:
                 print(json.dumps(stats, indent=2))
             else:
+                per_upstream = stats.pop("by_upstream", {})
                 width = max(len(k) for k in stats)
                 for key, value in stats.items():
                     print(f"{key:<{width}}  {value}")
+                for name, link in per_upstream.items():  # each upstream's own backlog
+                    print(f"{'upstream ' + name:<{width}}  depth {link['depth']}, oldest {link['oldest_ts'] or '-'}"
+                          f" (age {link['oldest_age_s'] if link['oldest_age_s'] is not None else '-'} s),"
+                          f" refused {link['refused']}")
         else:
             for row in buf.dump(args.limit):
                 print(json.dumps(row, separators=(",", ":")))
