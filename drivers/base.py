@@ -1,8 +1,9 @@
-"""The driver protocol and the registry of driver types.
+"""The driver protocol, `DriverType` and what every driver shares.
 
 A driver module defines a config model (a `DeviceConfig` subclass whose `driver` field is a
-Literal) and a driver class, and calls `register()` at import. `gateway.config` builds the
-discriminated union of device configs from this registry.
+Literal) and a driver class, and ends with `DRIVER = DriverType(...)`. `drivers/registry.py`
+lists them in one static table, from which `gateway.config` builds the discriminated union of
+device configs.
 """
 
 from __future__ import annotations
@@ -82,19 +83,6 @@ class DriverType:
     name: str
     config: type[DeviceConfig]
     factory: Factory
-
-
-REGISTRY: dict[str, DriverType] = {}
-
-
-def register(name: str, config: type[DeviceConfig], factory: Factory) -> None:
-    if name in REGISTRY:
-        raise RuntimeError(f"driver {name!r} registered twice")
-    REGISTRY[name] = DriverType(name, config, factory)
-
-
-def create(config: DeviceConfig, context: DriverContext) -> Driver:
-    return REGISTRY[config.driver].factory(config, DeviceHealth(config.name), context)
 
 
 async def mark_bad(config: DeviceConfig, emit: Emit, tags: Iterable[str] | None = None) -> None:

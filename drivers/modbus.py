@@ -21,8 +21,8 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, check_cancelled, every,
-                          mark_bad, register, supervise)
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, DriverType, Emit,
+                          check_cancelled, every, mark_bad, supervise)
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample, source_of
@@ -525,4 +525,4 @@ def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext)
     return ModbusDriver(config, health, context)
 
 
-register("modbus", ModbusConfig, _factory)
+DRIVER = DriverType("modbus", ModbusConfig, _factory)

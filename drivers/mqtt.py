@@ -26,7 +26,8 @@ import orjson
 import paho.mqtt.client as mqtt
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, register, supervise, until_lost
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, DriverType, Emit, supervise,
+                          until_lost)
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import Quality, Sample, Waveform, source_of
@@ -414,4 +415,4 @@ def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext)
     return MqttDriver(config, health)
 
 
-register("mqtt", MqttConfig, _factory)
+DRIVER = DriverType("mqtt", MqttConfig, _factory)

@@ -25,8 +25,8 @@ from asyncua.crypto import security_policies
 from cryptography import x509
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, Emit, every, mark_bad, register,
-                          supervise, until_lost)
+from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, DriverType, Emit, every,
+                          mark_bad, supervise, until_lost)
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform, source_of
@@ -451,4 +451,4 @@ def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext)
     return OpcUaDriver(config, health)
 
 
-register("opcua", OpcUaConfig, _factory)
+DRIVER = DriverType("opcua", OpcUaConfig, _factory)

@@ -16,7 +16,8 @@ import sqlite3
 import time
 from typing import Any
 
-import drivers.base as driver_registry
+import drivers.registry as driver_registry
+from drivers.base import DriverContext
 from gateway import __version__, config as config_mod, logs
 from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.aio import first_of
@@ -51,7 +52,7 @@ class Pipeline:
         self.features = FeaturePool(self.analytics, self._route_features, workers=cfg.analytics.threads,
                                     capacity=cfg.analytics.queue, stop_bound=STOP_BOUND)
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
-        context = driver_registry.DriverContext()  # what this pipeline's drivers share (serial lines)
+        context = DriverContext()  # what this pipeline's drivers share (serial lines)
         self.drivers = [driver_registry.create(d, context) for d in cfg.devices if d.enabled]
         # One Upstream per configured broker, each with its own link (cursor) in the buffer.
         self.upstreams: list[Upstream] = []

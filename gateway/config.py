@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 import drivers
 import rules
-from drivers.base import REGISTRY as DRIVER_REGISTRY
+from drivers.registry import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesConfig
 from gateway.metrics import MetricsConfig
 from gateway.model import source_of

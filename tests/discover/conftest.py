@@ -10,7 +10,8 @@ import time
 
 import yaml
 
-from drivers.base import DriverContext, create
+from drivers.base import DriverContext
+from drivers.registry import create
 from gateway import config
 from gateway.model import Quality, Sample, Waveform
 from tests.conftest import free_port, run_cli

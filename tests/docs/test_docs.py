@@ -15,7 +15,7 @@ def test_config_reference_matches_the_models():
 
 
 def test_every_model_field_appears_in_the_reference():
-    from drivers.base import REGISTRY as drivers
+    from drivers.registry import REGISTRY as drivers
     from gateway.config import GatewayConfig
     from rules.registry import REGISTRY as rules
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from pymodbus.client import AsyncModbusTcpClient
 
-from drivers import base
+from drivers import base, registry
 from drivers.modbus import (
     MAX_REGISTERS,
     ModbusConfig,
@@ -138,7 +138,7 @@ def test_config_validation():
         ModbusConfig(**{**ok, "bogus": 1})
     with pytest.raises(ValidationError):
         ModbusConfig(**{**ok, "tags": [{"name": "t", "address": 0}, {"name": "t", "address": 1}]})
-    assert base.REGISTRY["modbus"].config is ModbusConfig
+    assert registry.REGISTRY["modbus"].config is ModbusConfig
 
 
 def test_a_range_is_numbered_tags_at_consecutive_addresses():

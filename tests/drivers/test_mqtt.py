@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
 
-from drivers import base
+from drivers import base, registry
 from drivers.mqtt import (Block, MqttConfig, MqttDriver, MqttSubscription, PayloadError, decode_payload,
                           parse_timestamp)
 from drivers.sim import vibration
@@ -112,7 +112,7 @@ def test_config_model():
     assert cfg.tag_names() == ["accel", "accel_be", "raw", "csvwave", "temp", "line", "speed"]
     assert cfg.waveform_tags() == {"accel", "accel_be", "raw", "csvwave"}
     assert cfg.tag_units()["accel"] == "g" and cfg.tag_units()["speed"] == "rpm"
-    assert base.REGISTRY["mqtt"].config is MqttConfig
+    assert registry.REGISTRY["mqtt"].config is MqttConfig
     with pytest.raises(ValidationError):
         MqttConfig(name="m", driver="mqtt", subscriptions=[{"topic": "a", "tag": "a", "format": "f32le"}])
     with pytest.raises(ValidationError):

@@ -7,7 +7,7 @@ import pytest
 from asyncua import ua
 from pydantic import ValidationError
 
-from drivers import base
+from drivers import base, registry
 from drivers.opcua import ArrayError, OpcUaConfig, to_block, to_sample
 from gateway import config
 from gateway.model import Quality
@@ -18,7 +18,7 @@ TAGS = [{"name": "temp", "node": "ns=2;s=Oven.Temperature", "unit": "degC"}]
 def test_config_validation():
     ok = dict(name="oven", driver="opcua", endpoint="opc.tcp://127.0.0.1:4840", tags=TAGS)
     assert OpcUaConfig(**ok).tag_names() == ["temp"]
-    assert base.REGISTRY["opcua"].config is OpcUaConfig
+    assert registry.REGISTRY["opcua"].config is OpcUaConfig
     with pytest.raises(ValidationError):
         OpcUaConfig(**{**ok, "security": {"policy": "Basic256Sha256", "mode": "SignAndEncrypt"}})
     with pytest.raises(ValidationError):
