@@ -160,6 +160,7 @@ class Buffer:
         self._by_name: dict[str, Link] = {DEFAULT_LINK: self.links[0]}
         self._owed_of: dict[str, int] = {}  # kind -> owed mask, cached
         self._link_depth: dict[int, int] = {0: 0}
+        self._link_bytes: dict[int, int] = {0: 0}  # bit -> size of the rows owed to it (as counted for the cap)
         self._link_oldest: dict[int, float | None] = {}
         self.dropped_by_link: Counter[str] = Counter()
         self._deferred = 0  # rows in `deferred`: 0 keeps fetch and ack free of it
@@ -424,9 +425,13 @@ class Buffer:
     def _count_links(self) -> None:
         if len(self.links) == 1:
             self._link_depth = {self.links[0].bit: self._depth}
+            self._link_bytes = {self.links[0].bit: self._bytes}
         elif "owed" in self._columns():
-            self._link_depth = {link.bit: self.conn.execute("SELECT COUNT(*) FROM outbox WHERE owed & ?",
-                                                            (link.mask,)).fetchone()[0] for link in self.links}
+            self._link_depth, self._link_bytes = {}, {}
+            for link in self.links:
+                n, size = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE owed & ?",
+                                            (link.mask,)).fetchone()
+                self._link_depth[link.bit], self._link_bytes[link.bit] = n, size
         self._link_oldest = {}
 
     def _meta(self, key: str) -> str | None:
@@ -638,10 +643,13 @@ class Buffer:
         self.appended += len(rows)
         if len(self.links) == 1:
             self._link_depth[self.links[0].bit] += len(rows)
+            self._link_bytes[self.links[0].bit] += need
         elif rows:
             for link in self.links:
                 mask = link.mask
-                self._link_depth[link.bit] += sum(1 for r in rows if r[8] & mask)
+                mine = [r[7] for r in rows if r[8] & mask]
+                self._link_depth[link.bit] += len(mine)
+                self._link_bytes[link.bit] += sum(mine)
         if rows and self._link_oldest:
             oldest = min(r[6] for r in rows)
             for bit, known in list(self._link_oldest.items()):
@@ -680,6 +688,7 @@ class Buffer:
         """Drop oldest rows of the lowest priority until row bytes are at most `target`; count each."""
         dropped: Counter[str] = Counter()
         by_owed: Counter[int] = Counter()  # evicted rows by owed mask: per link, what it never got
+        bytes_owed: Counter[int] = Counter()
         with self._transaction() as conn:
             left = self._bytes
             while left > target:
@@ -694,6 +703,7 @@ class Buffer:
                     left -= size
                     dropped[kind] += 1
                     by_owed[owed] += 1
+                    bytes_owed[owed] += size
                     if left <= target:
                         break
                 conn.executemany("DELETE FROM outbox WHERE seq=?", cut)
@@ -710,6 +720,7 @@ class Buffer:
             n = sum(count for owed, count in by_owed.items() if owed & link.mask)
             if n:
                 self._link_depth[link.bit] -= n
+                self._link_bytes[link.bit] -= sum(size for owed, size in bytes_owed.items() if owed & link.mask)
                 self.dropped_by_link[link.name] += n
                 self._link_oldest.pop(link.bit, None)
         if self._deferred:
@@ -764,10 +775,11 @@ class Buffer:
         lk = self.link(link)
         single = len(self.links) == 1
         cleared = 0  # rows this link was owed and no longer is
+        cleared_bytes = 0
         freed: list[int] | None = None  # sizes of the rows deleted (None: all of `rows`, when single)
 
         def delete(conn: sqlite3.Connection) -> None:
-            nonlocal cleared, freed
+            nonlocal cleared, freed, cleared_bytes
             if single:
                 cleared = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
                 freed = None
@@ -778,6 +790,7 @@ class Buffer:
                     for seq, size, owed in conn.execute(
                             f"SELECT seq, size, owed FROM outbox WHERE seq IN ({','.join('?' * len(part))})"
                             " AND owed & ?", (*part, mask)):
+                        cleared_bytes += size
                         if owed == mask:
                             gone.append((seq,))
                             freed.append(size)
@@ -805,6 +818,7 @@ class Buffer:
             self._depth -= len(freed or ())
             deleted = len(freed or ())
         self._link_depth[lk.bit] -= cleared
+        self._link_bytes[lk.bit] = self._bytes if single else self._link_bytes[lk.bit] - cleared_bytes
         self._link_oldest.pop(lk.bit, None)
         if self._deferred:
             self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
@@ -881,11 +895,15 @@ class Buffer:
         """Rows owed to `link` (default: the first)."""
         return self._link_depth.get(self.link(link).bit, 0)
 
+    def link_bytes(self, link: str | None = None) -> int:
+        """The size of the rows owed to `link` (default: the first), as counted for the cap."""
+        return self._link_bytes.get(self.link(link).bit, 0)
+
     def by_upstream(self) -> dict[str, dict[str, Any]]:
         out = {}
         for lk in self.links:
             oldest = self.oldest_ts(lk.name)
-            out[lk.name] = {"depth": self.link_depth(lk.name), "oldest_ts": iso_ts(oldest) if oldest else None,
+            out[lk.name] = {"depth": self.link_depth(lk.name), "bytes": self.link_bytes(lk.name), "oldest_ts": iso_ts(oldest) if oldest else None,
                             "oldest_age_s": round(time.time() - oldest, 3) if oldest else None,
                             "refused": self.refused_count(lk.name), "dropped": self.dropped_by_link[lk.name]}
         return out

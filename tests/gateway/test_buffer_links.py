@@ -44,6 +44,7 @@ def test_rows_are_owed_by_kind_and_leave_when_every_taker_acked(tmp_path):
     assert b.depth == 2 and b.link_depth("cloud") == 0 and b.link_depth("scada") == 2
     assert seqs(b.fetch({}, 10, link="cloud")) == []
     assert owed_column(tmp_path / "b.db") == {value: 2, alarm: 2}
+    assert b.link_bytes("cloud") == 0 and b.link_bytes("scada") == b.bytes > 0
     before = b.bytes
     b.ack(b.fetch({}, 10, link="scada"), link="scada")
     assert b.depth == 0 and b.bytes == 0 < before and owed_column(tmp_path / "b.db") == {}
@@ -92,7 +93,8 @@ def test_eviction_is_oldest_first_alarms_last_and_counted_per_link(tmp_path):
     assert b.dropped_by_link["down"] == b.dropped["data"] and b.dropped_by_link["up"] == 0
     left = seqs(b.fetch({}, 100_000, link="down"))
     assert left[0] == alarm and left[1:] == sorted(left[1:]) and left[1] > alarm + 1  # oldest data went
-    assert b.link_depth("down") == len(left) == b.depth
+    assert b.link_depth("down") == len(left) == b.depth and b.link_bytes("down") == b.bytes
+    assert b.link_bytes("up") == 0
     assert b.stats()["by_upstream"]["down"]["dropped"] == b.dropped_by_link["down"]
 
 

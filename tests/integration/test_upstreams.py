@@ -15,6 +15,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
+from gateway.metrics import families
 from tests.integration.conftest import running_gateway, until
 
 OUTAGE_S = float(os.environ.get("EDGE_GATEWAY_TEST_OUTAGE_S", "30"))  # the issue asks for 30 s
@@ -110,6 +111,10 @@ async def test_one_upstream_down_holds_back_nothing_for_the_other(tmp_path, mosq
             assert await until(lambda: not ups["scada"].connected, 5)
             await asyncio.sleep(outage)
             health = app.pipeline.health_payload()
+            depth = {m.labels["upstream"]: m.value for f in families(app) if f.name == "edge_gateway_buffer_depth"
+                     for m in f.samples}
+            up_metric = {m.labels["upstream"]: m.value for f in families(app)
+                         if f.name == "edge_gateway_upstream_connected" for m in f.samples}
             scada.start()
             up_at = time.time()
 
@@ -124,6 +129,8 @@ async def test_one_upstream_down_holds_back_nothing_for_the_other(tmp_path, mosq
             assert health["upstreams"]["cloud"]["depth"] <= 10 and health["upstreams"]["cloud"]["connected"]
             assert health["upstreams"]["cloud"]["format"] == "json"
             assert health["upstream"]["connected"]  # today's fields describe the first upstream
+            assert depth["scada"] >= 0.7 * outage / INTERVAL and depth["cloud"] <= 10
+            assert up_metric == {"cloud": 1, "scada": 0}
 
             # scada catches up; then both have the same records and the buffer is empty.
             assert await until(lambda: ups["scada"].connected, 10)
