@@ -55,6 +55,10 @@ DEFAULT_LINK = "upstream"  # the one link of a buffer before links are set (and 
 KIND_SQL = "substr(topic, 1, instr(topic || '/', '/') - 1)"  # a row's kind, in SQL
 
 
+def _kinds_text(kinds: frozenset[str] | None) -> str:
+    return json.dumps(sorted(kinds) if kinds is not None else None)
+
+
 def row_kind(topic: str) -> str:
     """The kind links choose rows by: the first segment of the topic (`alarms/high` -> `alarms`)."""
     return topic.split("/", 1)[0]
@@ -328,7 +332,8 @@ class Buffer:
         with self._transaction():
             if "owed" not in columns:
                 conn.execute("ALTER TABLE outbox ADD COLUMN owed INTEGER NOT NULL DEFAULT 1")
-            conn.execute("CREATE TABLE IF NOT EXISTS links (name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE)")
+            conn.execute("CREATE TABLE IF NOT EXISTS links (name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE,"
+                         " kinds TEXT)")
             conn.execute("CREATE TABLE IF NOT EXISTS deferred (bit INTEGER NOT NULL, seq INTEGER NOT NULL,"
                          " not_before REAL NOT NULL, attempts INTEGER NOT NULL, PRIMARY KEY (bit, seq))")
             if "attempts" in columns:  # refusals counted by a version with one upstream
@@ -363,13 +368,16 @@ class Buffer:
         conn = self.conn
         with self._transaction():
             old = dict(conn.execute("SELECT name, bit FROM links"))
+            known_kinds = dict(conn.execute("SELECT name, kinds FROM links"))
             fresh = not old
             names = [n for n, _ in wanted]
             gone = [n for n in old if n not in names]
             if len(gone) == 1 and names[0] not in old:
-                bit = old.pop(gone.pop())
+                was = gone.pop()
+                bit = old.pop(was)
                 conn.execute("UPDATE links SET name=? WHERE bit=?", (names[0], bit))
                 old[names[0]] = bit
+                known_kinds[names[0]] = known_kinds.pop(was, None)
                 log.info("buffer.link_renamed", upstream=names[0], bit=bit)
             for name in gone:
                 bit = old.pop(name)
@@ -388,7 +396,12 @@ class Buffer:
                     conn.execute("INSERT OR REPLACE INTO links (name, bit) VALUES (?, ?)", (name, bit))
                     old[name] = bit
             links = [Link(name, old[name], kinds) for name, kinds in wanted]
-            kinds_found = [k for k, in conn.execute(f"SELECT DISTINCT {KIND_SQL} FROM outbox")]
+            # A link that kept its kinds needs no look at the rows (a restart of a large buffer
+            # stays quick); a fresh file, or kinds that changed, do.
+            changed = fresh or any(n in known_kinds and known_kinds[n] != _kinds_text(k) for n, k in wanted)
+            for name, kinds in wanted:
+                conn.execute("UPDATE links SET kinds=? WHERE name=?", (_kinds_text(kinds), name))
+            kinds_found = [k for k, in conn.execute(f"SELECT DISTINCT {KIND_SQL} FROM outbox")] if changed else []
             for kind in kinds_found:
                 want = sum(link.mask for link in links if takes(link.kinds, kind))
                 if fresh:  # every row owed to each link taking it

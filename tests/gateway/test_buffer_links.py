@@ -186,3 +186,19 @@ def test_append_for_one_link(tmp_path):
     b.set_links([("a", JSON), ("b", JSON)])
     b.append([rec("alarms/hot")], link="b")  # a replay after b reconnected
     assert b.link_depth("a") == 0 and b.link_depth("b") == 1
+
+
+def test_a_link_whose_kinds_change_gives_up_the_rows_it_no_longer_takes(tmp_path):
+    path = tmp_path / "b.db"
+    b = Buffer(path, "gw1")
+    b.set_links([("a", JSON), ("b", JSON)])
+    b.append([rec("data/p1"), rec("alarms/hot")])
+    b.close()
+    b = Buffer(path, "gw1")
+    b.set_links([("a", JSON), ("b", SPB)])  # b became a Sparkplug upstream: no summaries for it
+    assert b.link_depth("a") == 2 and b.link_depth("b") == 1
+    assert [r.topic for r in b.fetch({}, 10, link="b")] == ["alarms/hot"]
+    b.close()
+    b = Buffer(path, "gw1")
+    b.set_links([("a", JSON), ("b", SPB)])  # unchanged: the same claims
+    assert b.link_depth("a") == 2 and b.link_depth("b") == 1
