@@ -11,7 +11,10 @@ Call order on each connection:
   subscriptions()              after CONNACK
   on_connect()                 after CONNACK, published before any buffered row
   ready()                      polled; rows are drained only while True
-  encode(rows, historical)     rows fetched from the buffer -> messages, each acking its rows
+  encode(rows, historical)     rows fetched from the buffer -> messages, each acking its rows;
+                               a row in no message is acknowledged at once (not to be sent).
+                               `historical`: the rows were in the buffer when the link connected
+                               or ready() last turned True (seq < Upstream.historical_below)
   on_message(...)              every message arriving on a subscription
   device_state(device, up)     a device's connection changed (polled every DEVICE_POLL s)
   on_clean_stop()              a final stop (not a reload), published before DISCONNECT
