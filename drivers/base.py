@@ -54,6 +54,10 @@ class DeviceConfig(StrictModel):
         """Tags that produce Waveform blocks rather than scalar Samples."""
         return set()
 
+    def summary(self) -> str:
+        """One line of what check-config shows besides the tags ("" for nothing more)."""
+        return ""
+
 
 class Driver(Protocol):
     config: DeviceConfig
@@ -102,7 +106,14 @@ class DriverError(Exception):
 
 
 class DeviceDisconnected(DriverError):
-    """The link to the device is gone: the session ends and the driver reconnects with back-off."""
+    """The link to the device is gone: the session ends and the driver reconnects with back-off.
+
+    `retry_soon`: a peer on this host or the LAN refused the TCP connection (it is restarting):
+    `supervise` retries within `gateway.backoff.SOON` instead of backing off."""
+
+    def __init__(self, message: str = "", *, retry_soon: bool = False) -> None:
+        super().__init__(message)
+        self.retry_soon = retry_soon
 
 
 async def until_lost(queue: asyncio.Queue, lost: asyncio.Event, what: str) -> AsyncIterator[Any]:
@@ -151,6 +162,7 @@ async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth
     backoff = Backoff(reconnect_min, reconnect_max)
     while True:
         last_ok = health.last_ok
+        soon = False
         check_cancelled()
         try:
             await session()
@@ -159,10 +171,11 @@ async def supervise(session: Callable[[], Awaitable[None]], health: DeviceHealth
             raise
         except Exception as exc:  # noqa: BLE001 - a failing device must never stop the daemon
             health.error(exc, disconnected=True)
+            soon = getattr(exc, "retry_soon", False)
         check_cancelled()
         if health.last_ok != last_ok:
             backoff.reset()
-        await asyncio.sleep(backoff.next())
+        await asyncio.sleep(backoff.next(soon=soon))
 
 
 async def every(interval: float, poll: Callable[[], Awaitable[None]], health: DeviceHealth) -> None:

@@ -8,6 +8,7 @@ client, one lock, and the silent interval between frames that RTU needs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import struct
 import time
@@ -17,16 +18,21 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from pymodbus import FramerType
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
 
 from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, DriverType, Emit,
                           check_cancelled, every, mark_bad, supervise)
+from drivers.modbus_tcp import NoResponse, PipelinedClient
 from gateway import logs
+from gateway.backoff import is_nearby, refused_nearby
 from gateway.health import DeviceHealth
+from gateway.lazy import lazy
 from gateway.model import Quality, Sample, source_of
 from gateway.schema import Duration, Name, StrictModel
+
+# Imported by the first connection, not by config validation (see gateway.lazy).
+pymodbus = lazy("pymodbus")
+pymodbus_client = lazy("pymodbus.client")
+pymodbus_exceptions = lazy("pymodbus.exceptions")
 
 log = logs.get("drivers.modbus")
 
@@ -36,6 +42,7 @@ Order = Literal["big", "little"]
 
 MAX_REGISTERS = 125  # per read request, Modbus application protocol v1.1b3 §6.3
 MAX_BITS = 2000
+MAX_OUTSTANDING = 16  # requests in flight on one TCP connection; devices that take more are rare
 
 # struct code and width in registers of every numeric type
 _FORMATS: dict[str, tuple[str, int]] = {
@@ -147,6 +154,9 @@ class ModbusConfig(DeviceConfig):
     max_bit_gap: int = Field(64, ge=0, le=MAX_BITS)
     max_registers: int = Field(MAX_REGISTERS, ge=1, le=MAX_REGISTERS)  # some devices accept fewer
     max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
+    max_outstanding: int = Field(1, ge=1, le=MAX_OUTSTANDING, description=(
+        "tcp: read requests in flight at once on the connection (the MBAP transaction id tells "
+        "the answers apart); 1, the default, waits for each answer, as many PLCs need"))
     tags: list[ModbusTag] = Field(min_length=1)
 
     @field_validator("tags")
@@ -175,11 +185,22 @@ class ModbusConfig(DeviceConfig):
     def _check(self) -> "ModbusConfig":
         if self.transport == "rtu" and self.serial is None:
             raise ValueError("transport rtu needs serial: {port, baudrate, parity, stopbits, bytesize}")
+        if self.transport == "rtu" and self.max_outstanding > 1:
+            raise ValueError("max_outstanding applies to transport tcp: a serial line carries one request at a time")
         for tag in self.tags:
             limit = self.max_bits if tag.table in _BIT_TABLES else self.max_registers
             if tag.width > limit:
                 raise ValueError(f"tag {tag.name} is wider than one request ({limit})")
         return self
+
+    def summary(self) -> str:
+        requests = len(plan_reads(self.tags, max_gap=self.max_gap, max_bit_gap=self.max_bit_gap,
+                                  max_registers=self.max_registers, max_bits=self.max_bits))
+        if self.transport == "rtu":
+            assert self.serial is not None
+            return f"rtu {self.serial.port} unit {self.unit_id}, {requests} requests per poll"
+        return (f"tcp {self.host}:{self.port} unit {self.unit_id}, {requests} requests per poll, "
+                f"max_outstanding {self.max_outstanding}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +283,52 @@ class ReadRequest:
     count: int
     tags: list[tuple[ModbusTag, int]] = field(default_factory=list)
     _decoders: list[tuple[ModbusTag, TagDecoder, bool]] | None = field(default=None, repr=False, compare=False)
+    _block: Any = field(default=None, repr=False, compare=False)  # see block_values; False: not possible
 
     @property
     def end(self) -> int:
         return self.address + self.count
+
+    def block_values(self, values: Sequence[int]) -> list[Any] | None:
+        """Every tag's value (scale and offset applied) from one `struct.unpack_from` over the
+        whole response, in tag order; None when that cannot be done or a float is not finite,
+        and then `decode_request` decodes tag by tag and says what is wrong. Possible when the
+        tags are numbers, one byte order, big word order (the registers' own order) and do not
+        overlap: a 125-register poll of uint16 tags is then one C call, not 125 decoders."""
+        if self._block is None:
+            self._block = self._plan_block()
+        if self._block is False:
+            return None
+        unpack_from, swapped, scaled, floats = self._block
+        be, le = _packed(values)
+        out = list(unpack_from(le if swapped else be, 0))
+        for i in floats:
+            v = out[i]
+            if v - v != 0.0:  # NaN or infinity
+                return None
+        for i, scale, offset in scaled:
+            out[i] = out[i] * scale + offset
+        return out
+
+    def _plan_block(self) -> Any:
+        if self.table in _BIT_TABLES or not self.tags:
+            return False
+        orders = {tag.byte_order for tag, _ in self.tags}
+        if len(orders) != 1 or any(tag.type == "string" or tag.word_order != "big" for tag, _ in self.tags):
+            return False
+        fmt, pos = [">"], 0
+        scaled, floats = [], []
+        for i, (tag, off) in enumerate(self.tags):
+            if off < pos:
+                return False  # overlapping tags (a register read as two types)
+            code, width = _FORMATS[tag.type]
+            fmt.append("x" * (2 * (off - pos)) + code)
+            pos = off + width
+            if tag.scale != 1.0 or tag.offset != 0.0:
+                scaled.append((i, tag.scale, tag.offset))
+            if tag.type in ("float32", "float64"):
+                floats.append(i)
+        return struct.Struct("".join(fmt)).unpack_from, orders == {"little"}, scaled, floats
 
     def decoders(self) -> list[tuple[ModbusTag, TagDecoder, bool]]:
         if self._decoders is None:
@@ -323,20 +386,46 @@ Reader = Callable[[Any], Awaitable[Any]]
 
 
 class TcpLink:
-    """One TCP connection per device; pymodbus already serialises requests on it."""
+    """One TCP connection per device. With `max_outstanding` 1 the pymodbus client, which
+    serialises requests on it; above 1 the project's `PipelinedClient`, which keeps that many in
+    flight (same call interface)."""
 
     def __init__(self, cfg: ModbusConfig) -> None:
+        self.host, self.port, self.timeout = cfg.host, cfg.port, cfg.timeout
+        if cfg.max_outstanding > 1:
+            self.client: Any = PipelinedClient(cfg.host, cfg.port, timeout=cfg.timeout, retries=cfg.retries,
+                                               max_outstanding=cfg.max_outstanding)
+            return
         # reconnect_delay=0: pymodbus must not reconnect behind our back; `supervise` does it.
-        self.client = AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
+        self.client = pymodbus_client.AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries,
                                            reconnect_delay=0, name=f"modbus-{cfg.name}")
 
     async def open(self) -> None:
         try:
             connected = await self.client.connect()
-        except (OSError, ModbusException) as exc:
+        except (OSError, TimeoutError) as exc:
+            raise DeviceDisconnected(f"connect failed: {exc or type(exc).__name__}",
+                                     retry_soon=refused_nearby(exc, self.host)) from None
+        except pymodbus_exceptions.ModbusException as exc:
             raise DeviceDisconnected(f"connect failed: {exc}") from None
         if not connected:
-            raise DeviceDisconnected("connect failed")
+            raise DeviceDisconnected("connect failed", retry_soon=await self._refused_nearby())
+
+    async def _refused_nearby(self) -> bool:
+        """pymodbus reports a failed connect only as False. One plain TCP connect tells whether a
+        device on this host or the LAN refused it (it is restarting: retry within half a second)
+        from a timeout or an unreachable network (back off as usual)."""
+        if not is_nearby(self.host):
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(self.host, self.port)
+        except ConnectionRefusedError:
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()  # it answers now: a retry soon is right as well
+        return True
 
     async def exchange(self, read: Reader) -> Any:
         if not self.client.connected:
@@ -364,7 +453,7 @@ class SerialBus:
         self.lock = asyncio.Lock()
         self.requests = 0
         self._users = 0
-        self.client = AsyncModbusSerialClient(serial.port, framer=FramerType.RTU, baudrate=serial.baudrate,
+        self.client = pymodbus_client.AsyncModbusSerialClient(serial.port, framer=pymodbus.FramerType.RTU, baudrate=serial.baudrate,
                                               bytesize=serial.bytesize, parity=serial.parity,
                                               stopbits=serial.stopbits, timeout=timeout, retries=retries,
                                               reconnect_delay=0, name=f"rtu-{serial.port}")
@@ -386,7 +475,7 @@ class SerialBus:
                 return
             try:
                 connected = await self.client.connect()
-            except (OSError, ModbusException) as exc:
+            except (OSError, pymodbus_exceptions.ModbusException) as exc:
                 raise DeviceDisconnected(f"cannot open {self.settings.port}: {exc}") from None
             if not connected:
                 raise DeviceDisconnected(f"cannot open {self.settings.port}")
@@ -432,7 +521,11 @@ class ModbusDriver:
         self.plan = plan_reads(config.tags, max_gap=config.max_gap, max_bit_gap=config.max_bit_gap,
                                max_registers=config.max_registers, max_bits=config.max_bits)
         self.health.extra["requests_per_poll"] = len(self.plan)
+        if config.transport == "tcp":
+            self.health.extra["max_outstanding"] = config.max_outstanding
         self._sources = {t.name: source_of(config.name, t.name) for t in config.tags}
+        # per request of the plan (keyed by the object): (source, unit) of its tags, in tag order
+        self._outputs = {id(r): [(self._sources[t.name], t.unit) for t, _ in r.tags] for r in self.plan}
         self._bad_tags: set[str] = set()  # so that healthy polls skip the health bookkeeping
 
     async def run(self, emit: Emit) -> None:
@@ -470,39 +563,94 @@ class ModbusDriver:
             check_cancelled()  # pymodbus's wait_for can swallow a stop request (Python 3.11)
         except DriverError:
             raise
-        except ModbusException as exc:
-            if not link.connected:
-                raise DeviceDisconnected(str(exc)) from None
+        except NoResponse:  # the pipelined client (max_outstanding > 1)
             raise NoAnswer(f"no answer to {request.table}@{request.address}+{request.count}") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise DeviceDisconnected(f"{type(exc).__name__}: {exc}") from None
+        except pymodbus_exceptions.ModbusException as exc:
+            if not link.connected:
+                raise DeviceDisconnected(str(exc)) from None
+            raise NoAnswer(f"no answer to {request.table}@{request.address}+{request.count}") from None
         if response.isError():
             raise ModbusError(f"exception code {response.exception_code} for "
                               f"{request.table}@{request.address}+{request.count}")
         return response.bits[: request.count] if request.table in _BIT_TABLES else response.registers
 
     async def poll(self, link: TcpLink | SerialBus, emit: Emit) -> None:
-        """One pass over the read plan. A failed request marks only its own tags bad."""
-        sources = self._sources
-        good = Quality.GOOD
+        """One pass over the read plan. A failed request marks only its own tags bad.
+
+        With `max_outstanding` k > 1 the next k requests are on the wire while the answer of the
+        oldest is decoded; answers are handled in request order, so what is emitted is the same
+        as one request at a time, only sooner."""
+        if self.config.max_outstanding > 1 and len(self.plan) > 1:
+            await self._poll_pipelined(link, emit)
+            return
         for request in self.plan:
             started = time.monotonic()
             try:
                 values = await self._read(link, request)
             except ModbusError as exc:
-                self.health.bad_value(str(exc), key=f"read:{request.table}@{request.address}")
-                await mark_bad(self.config, emit, [tag.name for tag, _ in request.tags])
-                if isinstance(exc, NoAnswer):
-                    self.health.error(exc)
+                await self._handle(request, exc, started, emit)
                 continue
-            now = time.time()
-            self.health.good_value(key=f"read:{request.table}@{request.address}")
-            self.health.ok((time.monotonic() - started) * 1000.0, now=now)
-            decoded = decode_request(request, values)
-            if self._bad_tags or any(problem is not None for _, _, problem in decoded):
-                await self._emit_checked(decoded, now, emit)
-            else:  # the usual case: one hand-over per request, no per-tag bookkeeping
-                await emit([Sample(sources[tag.name], value, now, good, tag.unit) for tag, value, _ in decoded])
+            await self._handle(request, values, started, emit)
+
+    async def _poll_pipelined(self, link: TcpLink | SerialBus, emit: Emit) -> None:
+        async def attempt(request: ReadRequest) -> tuple[Any, float]:
+            started = time.monotonic()
+            try:
+                return await self._read(link, request), started
+            except DriverError as exc:  # handed back in order; raised there if the link is gone
+                return exc, started
+
+        window = self.config.max_outstanding
+        lost: DriverError | None = None  # raised after the group: inside, it would become an ExceptionGroup
+        async with asyncio.TaskGroup() as tg:
+            in_flight: collections.deque[tuple[ReadRequest, asyncio.Task]] = collections.deque()
+            for request in self.plan:
+                if len(in_flight) >= window:
+                    lost = await self._handle_task(*in_flight.popleft(), emit)
+                    if lost is not None:
+                        break
+                in_flight.append((request, tg.create_task(attempt(request), name="modbus.read")))
+            while in_flight and lost is None:
+                lost = await self._handle_task(*in_flight.popleft(), emit)
+            for _, task in in_flight:  # the link is gone: the reads still in flight cannot end well
+                task.cancel()
+        if lost is not None:
+            raise lost
+
+    async def _handle_task(self, request: ReadRequest, task: asyncio.Task, emit: Emit) -> DriverError | None:
+        """Handle one read of the pipeline; a failure that ends the session is returned."""
+        outcome, started = await task
+        if isinstance(outcome, DriverError) and not isinstance(outcome, ModbusError):
+            return outcome
+        await self._handle(request, outcome, started, emit)
+        return None
+
+    async def _handle(self, request: ReadRequest, outcome: Any, started: float, emit: Emit) -> None:
+        """One request's answer (the registers or bits) or its ModbusError: samples and health."""
+        if isinstance(outcome, ModbusError):
+            self.health.bad_value(str(outcome), key=f"read:{request.table}@{request.address}")
+            await mark_bad(self.config, emit, [tag.name for tag, _ in request.tags])
+            if isinstance(outcome, NoAnswer):
+                self.health.error(outcome)
+            return
+        now = time.time()
+        self.health.good_value(key=f"read:{request.table}@{request.address}")
+        self.health.ok((time.monotonic() - started) * 1000.0, now=now)
+        if not self._bad_tags:
+            values = request.block_values(outcome)
+            if values is not None:  # the usual case: one hand-over per request, no per-tag work
+                good = Quality.GOOD
+                await emit([Sample(source, value, now, good, unit)
+                            for (source, unit), value in zip(self._outputs[id(request)], values)])
+                return
+        decoded = decode_request(request, outcome)
+        if self._bad_tags or any(problem is not None for _, _, problem in decoded):
+            await self._emit_checked(decoded, now, emit)
+        else:  # the usual case: one hand-over per request, no per-tag bookkeeping
+            sources, good = self._sources, Quality.GOOD
+            await emit([Sample(sources[tag.name], value, now, good, tag.unit) for tag, value, _ in decoded])
 
     async def _emit_checked(self, decoded: list[tuple[ModbusTag, Any, str | None]], now: float, emit: Emit) -> None:
         """Tag by tag, counting a tag's problems in health and its recovery."""

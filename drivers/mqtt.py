@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from pydantic import Field, field_validator, model_validator
@@ -30,9 +29,13 @@ from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, Drive
                           until_lost)
 from gateway import logs
 from gateway.health import DeviceHealth
+from gateway.lazy import lazy
 from gateway.model import Quality, Sample, Waveform, source_of
 from gateway.mqttclient import Inbox, Session, SessionError
 from gateway.schema import BrokerConfig, Duration, Name, StrictModel
+
+# NumPy only for waveform payloads, imported with the first one (see gateway.lazy).
+np = lazy("numpy")
 
 log = logs.get("drivers.mqtt")
 
@@ -407,7 +410,7 @@ class MqttDriver:
                         self.health.ok(now=received)
                         await self.handle(msg.topic, msg.payload, received, emit)
         except SessionError as exc:
-            raise DeviceDisconnected(str(exc)) from None
+            raise DeviceDisconnected(str(exc), retry_soon=exc.retry_soon) from None
 
 
 def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> MqttDriver:

@@ -16,30 +16,70 @@ import contextlib
 import datetime as _dt
 import math
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from asyncua import Client, ua
-from asyncua.crypto import security_policies
-from cryptography import x509
 from pydantic import Field, field_validator, model_validator
 
 from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, DriverError, DriverType, Emit, every,
                           mark_bad, supervise, until_lost)
 from gateway import logs
 from gateway.health import DeviceHealth
+from gateway.lazy import lazy
 from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform, source_of
 from gateway.schema import Duration, Name, SecretFile, StrictModel, read_secret
 
+if TYPE_CHECKING:
+    from asyncua import Client
+
+# asyncua (and with it cryptography) and NumPy are imported by the first session, not by config
+# validation: a gateway without an OPC UA device never loads them (see gateway.lazy).
+asyncua = lazy("asyncua")
+ua = lazy("asyncua.ua")
+security_policies = lazy("asyncua.crypto.security_policies")
+x509 = lazy("cryptography.x509")
+np = lazy("numpy")
+
 log = logs.get("drivers.opcua")
 
+# security policy name -> the asyncua class name (in asyncua.crypto.security_policies)
 _POLICIES = {
-    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
-    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
-    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+    "Basic256Sha256": "SecurityPolicyBasic256Sha256",
+    "Aes128_Sha256_RsaOaep": "SecurityPolicyAes128Sha256RsaOaep",
+    "Aes256_Sha256_RsaPss": "SecurityPolicyAes256Sha256RsaPss",
 }
-_MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+
+
+def check_node_id(text: str) -> None:
+    """Raise ValueError unless asyncua's `NodeId.from_string` accepts `text`. The same grammar,
+    without importing asyncua: `ns=`, `srv=`, `nsu=` and one of `i=` (integer), `s=` (the rest of
+    the string, `;` and `=` included), `g=` (GUID), `b=` (base64, or hex after `0x`), joined by
+    `;`; keys it does not know are ignored, as asyncua does."""
+    elements = text.split(";")
+    identifier = False
+    while elements:
+        element = elements.pop(0)
+        if not element:
+            continue
+        if "=" not in element:
+            raise ValueError(f"{element!r} is not key=value")
+        key, value = element.split("=", 1)
+        key = key.strip()
+        if key in ("ns", "srv", "i"):
+            int(value.strip())
+        elif key == "g":
+            uuid.UUID(f"urn:uuid:{value}")
+        elif key == "b" and value[0:2] == "0x":
+            bytes.fromhex(value[2:])
+        elif key == "b":
+            value.encode("ascii")  # base64, or else the bytes as written: ASCII either way
+        elif key == "s":
+            elements = []  # a string identifier takes the rest, separators included
+        if key in ("i", "s", "g", "b"):
+            identifier = True
+    if not identifier:
+        raise ValueError("no identifier (i=, s=, g= or b=)")
 
 
 class OpcUaSecurity(StrictModel):
@@ -80,8 +120,8 @@ class OpcUaTag(StrictModel):
         if node is None:
             return None
         try:
-            ua.NodeId.from_string(node)
-        except Exception:  # noqa: BLE001 - asyncua raises several types for a bad id
+            check_node_id(node)
+        except ValueError:
             raise ValueError(f"not an OPC UA node id: {node!r}") from None
         return node
 
@@ -150,9 +190,9 @@ def to_sample(source: str, unit: str | None, dv: ua.DataValue, received: float) 
     return Sample.bad(source, ts, unit)
 
 
-# Array types a waveform node may hold, and the dtype its samples keep (exact for each).
-_ARRAY_DTYPES = {ua.VariantType.Float: np.float32, ua.VariantType.Int16: np.float32,
-                 ua.VariantType.Double: np.float64, ua.VariantType.Int32: np.float64}
+# Array types a waveform node may hold (ua.VariantType names), and the dtype its samples keep
+# (exact for each).
+_ARRAY_DTYPES = {"Float": "float32", "Int16": "float32", "Double": "float64", "Int32": "float64"}
 
 
 class ArrayError(ValueError):
@@ -167,7 +207,7 @@ def to_block(variant: ua.Variant | None) -> np.ndarray:
         raise ArrayError(f"a scalar {variant.VariantType.name}, not an array")
     if variant.Dimensions and len(variant.Dimensions) > 1:
         raise ArrayError(f"a {len(variant.Dimensions)}-D array, not 1-D")
-    dtype = _ARRAY_DTYPES.get(variant.VariantType)
+    dtype = _ARRAY_DTYPES.get(variant.VariantType.name)
     if dtype is None:
         raise ArrayError(f"a {variant.VariantType.name} array, not Float, Double, Int16 or Int32")
     try:
@@ -239,7 +279,7 @@ class OpcUaDriver:
 
     async def _client(self) -> Client:
         cfg = self.config
-        client = Client(cfg.endpoint, timeout=cfg.timeout, watchdog_intervall=max(1.0, cfg.timeout))
+        client = asyncua.Client(cfg.endpoint, timeout=cfg.timeout, watchdog_intervall=max(1.0, cfg.timeout))
         client.name = client.description = f"edge-gateway {cfg.name}"
         sec = cfg.security
         uri = cfg.application_uri
@@ -250,10 +290,10 @@ class OpcUaDriver:
             password = read_secret(sec.private_key_password_file)
             with _peer_errors("security set-up", DeviceDisconnected):
                 await client.set_security(
-                    _POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
+                    getattr(security_policies, _POLICIES[sec.policy]), str(sec.certificate), str(sec.private_key),
                     private_key_password=password,
                     server_certificate=str(sec.server_certificate) if sec.server_certificate else None,
-                    mode=_MODES[sec.mode])
+                    mode=getattr(ua.MessageSecurityMode, sec.mode))
         client.application_uri = uri or f"urn:edge-gateway:{cfg.name}"
         if cfg.username is not None:
             client.set_user(cfg.username)

@@ -170,15 +170,18 @@ class Pipeline:
                 if item is _DRAINED:
                     done = True
                     continue
-                for one in item if isinstance(item, list) else (item,):
-                    if isinstance(one, Waveform):
-                        waveforms.append(one)  # computed together below: windows closing at once batch
-                        continue
-                    try:
-                        self.analytics.on_sample(one)
-                        records.extend(self.rules.on_sample(one))
-                    except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
-                        log.exception("pipeline.sample_failed", source=one.source)
+                if isinstance(item, list):  # the samples of one request: each stage takes them at once
+                    self.analytics.on_samples(item, self._sample_failed)
+                    records.extend(self.rules.on_samples(item, self._sample_failed))
+                    continue
+                if isinstance(item, Waveform):
+                    waveforms.append(item)  # computed together below: windows closing at once batch
+                    continue
+                try:
+                    self.analytics.on_sample(item)
+                    records.extend(self.rules.on_sample(item))
+                except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
+                    log.exception("pipeline.sample_failed", source=item.source)
             if waveforms:
                 try:  # windows closing at once are computed together, in the worker threads
                     self.features.submit(self.analytics.assemble(waveforms))
@@ -187,6 +190,11 @@ class Pipeline:
             self._store(records)
             if done:
                 return
+
+    @staticmethod
+    def _sample_failed(sample: Sample) -> None:
+        """Called inside the stage's `except`: a value that breaks a stage is logged, not fatal."""
+        log.exception("pipeline.sample_failed", source=sample.source)
 
     def _route_features(self, records: list[Record], features: list[Sample]) -> None:
         """Called by the worker pool on the loop, in measurement order: feature records and the

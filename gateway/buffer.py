@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+import orjson
 
 from gateway import logs
 from gateway.model import Clock, Record, iso_ts
@@ -92,6 +92,16 @@ class Row:
     size: int
 
 
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS "outbox" ("seq" INTEGER PRIMARY KEY, "topic" TEXT, "payload" BLOB,
+       "retain" INTEGER, "priority" INTEGER, "kind" TEXT, "ts" REAL, "size" INTEGER,
+       "owed" INTEGER NOT NULL DEFAULT 1)""",
+    'CREATE INDEX IF NOT EXISTS "idx_outbox_priority_seq" ON "outbox" ("priority", "seq")',
+    'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+    'CREATE TABLE IF NOT EXISTS "state" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+)
+
+
 class BufferError(Exception):
     """The buffer file cannot be used."""
 
@@ -129,6 +139,13 @@ def _finite(value: Any) -> Any:
 
 def encode(gateway_id: str, seq: int, record: Record) -> bytes:
     body = {"gateway": gateway_id, "seq": seq, "ts": iso_ts(record.ts), **record.payload}
+    try:
+        # orjson: a 5,000-tag summary in 1.4 ms instead of 10 ms, on the event loop. It writes
+        # NaN and infinity as null, as `_finite` does; what it refuses (an integer beyond 64
+        # bits, an unknown type) takes the json module's road below.
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        pass
     try:
         text = json.dumps(body, separators=(",", ":"), allow_nan=False)
     except ValueError:
@@ -240,15 +257,10 @@ class Buffer:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
             raise BufferError(f"integrity check failed: {ok}")
-        db = sqlite_utils.Database(conn)
-        db["outbox"].create(
-            {"seq": int, "topic": str, "payload": bytes, "retain": int, "priority": int, "kind": str,
-             "ts": float, "size": int, "owed": int},
-            pk="seq", if_not_exists=True, not_null={"owed"}, defaults={"owed": 1},
-        )
-        db["outbox"].create_index(["priority", "seq"], if_not_exists=True)
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        # Plain DDL (sqlite-utils imported NumPy, 15 MB of RSS for a few CREATE TABLEs). A file
+        # written before links has not_before/attempts instead of owed: _migrate_links updates it.
+        for ddl in _SCHEMA:
+            conn.execute(ddl)
         self._migrate_links(conn)
         self._next_seq, reset = self._start_seq(moved_aside)
         if reset:

@@ -82,6 +82,8 @@ def config_summary(cfg: GatewayConfig) -> str:
     for d in cfg.devices:
         lines.append(f"    {d.name:<16} {d.driver:<7} {len(d.tag_names())} tags: {', '.join(d.tag_names()[:8])}"
                      + (" ..." if len(d.tag_names()) > 8 else ""))
+        if d.summary():
+            lines.append(f"    {'':<16} {d.summary()}")
     lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
     lines.append(f"  analyses  {len(cfg.analyses)}, computed by {cfg.analytics.threads} worker thread(s), "
                  f"at most {cfg.analytics.queue} windows queued")

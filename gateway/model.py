@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # only for the annotation: a Modbus-only gateway never imports NumPy
+    import numpy as np
 
 
 class Quality(StrEnum):

@@ -13,6 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from gateway.backoff import refused_nearby
 from gateway.schema import BrokerConfig
 
 
@@ -46,7 +47,14 @@ def connect_kwargs(cfg: BrokerConfig) -> dict:
 
 
 class SessionError(Exception):
-    """The broker could not be reached, refused the connection or a subscription, or the link dropped."""
+    """The broker could not be reached, refused the connection or a subscription, or the link dropped.
+
+    `retry_soon`: the TCP connection was refused by a broker on this host or the LAN, which is
+    restarting; the owner retries within `gateway.backoff.SOON` instead of backing off."""
+
+    def __init__(self, message: str, *, retry_soon: bool = False) -> None:
+        super().__init__(message)
+        self.retry_soon = retry_soon
 
 
 def describe_connect_error(exc: BaseException) -> str:
@@ -140,7 +148,10 @@ class Session:
         try:
             await loop.run_in_executor(None, lambda: self.client.connect(**connect_kwargs(self.cfg)))
         except Exception as exc:  # noqa: BLE001 - every connect failure is reported the same way
-            raise SessionError(f"connect to {broker} failed: {describe_connect_error(exc)}") from None
+            # a name is resolved again to tell; only on a refusal, and in a thread
+            soon = isinstance(exc, ConnectionRefusedError) and await loop.run_in_executor(
+                None, refused_nearby, exc, self.cfg.host)
+            raise SessionError(f"connect to {broker} failed: {describe_connect_error(exc)}", retry_soon=soon) from None
         self._network = threading.Thread(target=self._run_network, name=f"mqtt.network.{broker}", daemon=True)
         self._network.start()
         try:

@@ -136,17 +136,19 @@ class Upstream:
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
         while not self._stopping:
             connects = self.connects
+            soon = False
             try:
                 await self._connection()
             except SessionError as exc:
                 self.last_error = str(exc)
                 self._transitions.bad("connection", str(exc))
+                soon = exc.retry_soon  # a nearby broker restarting: back within half a second
             if self._stopping:
                 break
             if self.connects != connects:
                 backoff.reset()  # it was connected: a link that drops after a week reconnects quickly
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff.next()):
+                async with asyncio.timeout(backoff.next(soon=soon)):
                     await self._wait_stop()
 
     async def _wait_stop(self) -> None:

@@ -1,6 +1,6 @@
 """The import direction between the project's layers, as the README's design section draws it.
 
-core      gateway (the package: version only), gateway.{model, schema, health, logs, mqttclient, statelock, backoff, aio}: the floor
+core      gateway (the package: version only), gateway.{model, schema, health, logs, mqttclient, statelock, backoff, aio, lazy}: the floor
           everything stands on; imports nothing of the project above it.
 stages    gateway.{buffer, upstream, upstream_format, sparkplug} and gateway.analytics: core and stages.
 plugins   drivers.* and rules.*: core and their own package, never each other, never a stage.
@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 CORE = {"gateway", "gateway.model", "gateway.schema", "gateway.health", "gateway.logs", "gateway.mqttclient",
-        "gateway.statelock", "gateway.backoff", "gateway.aio"}
+        "gateway.statelock", "gateway.backoff", "gateway.aio", "gateway.lazy"}
 STAGES = {"gateway.buffer", "gateway.upstream", "gateway.upstream_format", "gateway.sparkplug", "gateway.analytics"}
 WIRING = {"gateway.__main__", "gateway.app", "gateway.config", "gateway.cli", "gateway.demo",
           "gateway.docs", "gateway.view", "gateway.watch", "gateway.metrics", "gateway.discover"}

@@ -34,7 +34,7 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from pymodbus import FramerType
@@ -42,6 +42,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
@@ -115,6 +116,63 @@ class _KnownUnits(SimCore):
         return await super().async_setValues(device_id, func_code, address, values)
 
 
+class _InOrderHandler(ServerRequestHandler):
+    """One TCP connection of the simulator, able to take several requests at once.
+
+    pymodbus 3.16's server handler parses one frame per received segment and answers, a loop pass
+    later, whatever request it parsed last: requests that arrive together (a client with several
+    in flight, `max_outstanding`) would wait for the next segment or get another's answer. This
+    one takes every complete frame of a segment and answers them one after another, in the order
+    they came. `latency` delays every answer on its way out (a slow link: a pipelining client
+    gains by it), without holding back the requests behind it.
+    """
+
+    def __init__(self, owner: "_TcpServer") -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)
+        self.latency = owner.latency
+        self._requests: deque = deque()
+        self._serving: asyncio.Task | None = None
+
+    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        used = 0
+        while used < len(data):
+            taken = super().callback_data(data[used:], addr)
+            if not taken:
+                break  # an incomplete frame: the rest comes with the next segment
+            used += taken
+            if self.last_pdu is not None:
+                self._requests.append((self.last_pdu, self.last_addr))
+        if self._requests and (self._serving is None or self._serving.done()):
+            self._serving = asyncio.get_running_loop().create_task(self._serve(), name="sim.modbus.serve")
+        return used
+
+    def handle_later(self) -> None:
+        """pymodbus' own hand-over: replaced by `_serve`, which answers every request in turn."""
+
+    async def _serve(self) -> None:
+        while self._requests:
+            self.last_pdu, self.last_addr = self._requests.popleft()
+            await self.handle_request()
+
+    def send(self, data: bytes, addr: tuple | None = None) -> None:
+        if self.latency > 0:  # timers of equal delay fire in order: answers keep their order
+            asyncio.get_running_loop().call_later(self.latency, super().send, data, addr)
+        else:
+            super().send(data, addr)
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        if self._serving is not None:
+            self._serving.cancel()
+        super().callback_disconnected(exc)
+
+
+class _TcpServer(ModbusTcpServer):
+    latency = 0.0  # seconds added to every answer
+
+    def callback_new_connection(self) -> _InOrderHandler:
+        return _InOrderHandler(self)
+
+
 class ModbusSimulator:
     """A pymodbus server (TCP or RTU) with one or more unit ids sharing the register map.
 
@@ -122,8 +180,10 @@ class ModbusSimulator:
     addresses answer with a device-failure exception.
     """
 
-    def __init__(self, unit_ids: tuple[int, ...] = (1,), model: MachineModel | None = None) -> None:
+    def __init__(self, unit_ids: tuple[int, ...] = (1,), model: MachineModel | None = None,
+                 latency: float = 0.0) -> None:
         self.unit_ids = unit_ids
+        self.latency = latency  # TCP: seconds added to every answer (a slow link)
         self.model = model or MachineModel()
         self.requests: Counter[tuple[int, str]] = Counter()
         self.fail: set[int] = set()
@@ -174,7 +234,8 @@ class ModbusSimulator:
         return pdu
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 5020) -> "ModbusSimulator":
-        self.server = ModbusTcpServer(self._devices(), address=(host, port), trace_pdu=self._trace_pdu)
+        self.server = _TcpServer(self._devices(), address=(host, port), trace_pdu=self._trace_pdu)
+        self.server.latency = self.latency
         self.server.context = _KnownUnits(self._devices())
         await self.server.serve_forever(background=True)
         return self

@@ -6,16 +6,23 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.analytics.summary import Summaries
-from gateway.analytics.vibration import DEFECTS, FeatureSpec, Features, PlanCache, accel_scale, analyse
-from gateway.analytics.window import Window, WindowAssembler
 from gateway import logs
+from gateway.lazy import lazy
 from gateway.model import NEW_CAPTURE, Quality, Record, Sample, Waveform, iso_ts, source_of
+
+if TYPE_CHECKING:
+    from gateway.analytics.vibration import FeatureSpec, Features
+    from gateway.analytics.window import Window, WindowAssembler
+
+# The engine also keeps the tag summaries, which every gateway runs; NumPy and SciPy come in
+# with the first analysis only (see gateway.lazy).
+np = lazy("numpy")
+vibration = lazy("gateway.analytics.vibration")
+windowing = lazy("gateway.analytics.window")
 
 log = logs.get("analytics")
 
@@ -59,7 +66,7 @@ class _Stream:
 
     def spec_for(self, unit: str | None) -> FeatureSpec:
         if self.spec is None or unit != self.spec_unit:
-            self.spec = FeatureSpec.from_config(self.cfg, unit)
+            self.spec = vibration.FeatureSpec.from_config(self.cfg, unit)
             self.spec_unit = unit
         return self.spec
 
@@ -73,14 +80,14 @@ class AnalyticsEngine:
                  workers: int | None = None) -> None:
         self._units = dict(units)
         self._workers = workers
-        self._plans = PlanCache()
+        self._plans = vibration.PlanCache() if analyses else None
         self._streams: dict[str, list[_Stream]] = defaultdict(list)
         self._speed_tags: dict[str, str] = {}  # shaft_tag -> "rpm" | "hz"
         self._speeds: dict[str, float] = {}  # shaft_tag -> latest good speed in Hz
         self.analyses = list(analyses)
         for cfg in self.analyses:
             self._streams[cfg.input].append(_Stream(
-                cfg=cfg, assembler=WindowAssembler(cfg.window, cfg.overlap, jitter_s),
+                cfg=cfg, assembler=windowing.WindowAssembler(cfg.window, cfg.overlap, jitter_s),
                 unit=self._units.get(cfg.input)))
             if cfg.bearing is not None and cfg.bearing.shaft_tag:
                 self._speed_tags[cfg.bearing.shaft_tag] = cfg.bearing.shaft_tag_unit
@@ -101,7 +108,7 @@ class AnalyticsEngine:
         out = []
         for streams in self._streams.values():
             for st in streams:
-                if "velocity_rms" in st.cfg.features and accel_scale(st.unit) is None:
+                if "velocity_rms" in st.cfg.features and vibration.accel_scale(st.unit) is None:
                     out.append(f"analyses.{st.cfg.name}: velocity_rms needs the unit of "
                                f"{st.cfg.input} to be g or m/s2 (is {st.unit!r})")
         out += [f"analyses.{name}: {text}" for name, text in list(self._runtime_problems.items())]
@@ -121,11 +128,19 @@ class AnalyticsEngine:
     # ------------------------------------------------------------------ scalar samples
 
     def on_sample(self, s: Sample) -> None:
-        unit = self._speed_tags.get(s.source)
-        if unit is not None and s.quality is Quality.GOOD and isinstance(s.value, (int, float)) \
-                and not isinstance(s.value, bool) and math.isfinite(s.value) and s.value > 0:
-            self._speeds[s.source] = float(s.value) / 60.0 if unit == "rpm" else float(s.value)
-        self._summaries.add(s)
+        self.on_samples((s,))
+
+    def on_samples(self, samples: list[Sample] | tuple[Sample, ...],
+                   on_error: Callable[[Sample], None] | None = None) -> None:
+        """Scalar samples in arrival order: the summaries, and the shaft speeds analyses use. A
+        sample that fails goes to `on_error` (when given) and the others go on."""
+        if self._speed_tags:
+            for s in samples:
+                unit = self._speed_tags.get(s.source)
+                if unit is not None and s.quality is Quality.GOOD and isinstance(s.value, (int, float)) \
+                        and not isinstance(s.value, bool) and math.isfinite(s.value) and s.value > 0:
+                    self._speeds[s.source] = float(s.value) / 60.0 if unit == "rpm" else float(s.value)
+        self._summaries.add_many(samples, on_error)
 
     def flush_summaries(self, now: float) -> list[Record]:
         return self._summaries.flush(now)
@@ -165,13 +180,14 @@ class AnalyticsEngine:
         for i, c in enumerate(windows):
             groups[(c.spec, len(c.window.samples), c.window.sample_rate)].append(i)
         results: list[Features | None] = [None] * len(windows)
+        assert self._plans is not None  # windows exist only where analyses do
         for (spec, n, fs), idx in groups.items():
             plan = self._plans.get(spec, n, fs)
             if plan.problem:
                 for i in idx:
                     self._runtime_problems.setdefault(windows[i].cfg.name, plan.problem)
             X = np.stack([windows[i].window.samples for i in idx]) if len(idx) > 1 else windows[idx[0]].window.samples[None, :]
-            for i, feats in zip(idx, analyse(X, plan, [windows[i].shaft_hz for i in idx], self._workers)):
+            for i, feats in zip(idx, vibration.analyse(X, plan, [windows[i].shaft_hz for i in idx], self._workers)):
                 results[i] = feats
         records: list[Record] = []
         samples: list[Sample] = []
@@ -224,7 +240,7 @@ class AnalyticsEngine:
         bearing = feats.bearing
         if bearing is not None:
             sq = f"{unit}^2" if unit else None
-            for d in DEFECTS:
+            for d in vibration.DEFECTS:
                 if d in bearing.names:
                     i = bearing.names.index(d)
                     samples.append(self._sample(source_of(cfg.name, f"bearing.{d}"), bearing.amplitude[i], win, sq))

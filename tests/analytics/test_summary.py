@@ -88,3 +88,33 @@ def test_flush_per_device_interval_start_and_reset():
     (r2,) = eng.flush_summaries(1030.0)
     assert r2.ts == 1020.0 and r2.payload["tags"]["temp"]["count"] == 1
     assert math.isclose(r2.payload["tags"]["temp"]["mean"], 181.0)
+
+
+# Few distinct values, so that runs of repeats (the cheap path) and type changes (1 then 1.0,
+# True then 1) both happen, mixed with everything the slow path takes.
+_POOL = st.sampled_from([0, 1, 1.0, 2.5, -3, True, False, "on", None, math.nan, math.inf, np.float32(2.5), 10**15])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_POOL, qualities), min_size=1, max_size=60))
+def test_runs_of_repeated_values_summarise_as_each_value_alone(values):
+    """Reference: every sample on its own, written without runs."""
+    s = Summaries(10.0)
+    for i, (v, q) in enumerate(values):
+        s.add(Sample("dev.x", v, 1000.0 + i * 0.01, q))
+    stats = s.flush(1010.0)[0].payload["tags"]["x"]
+    plain = [v.item() if isinstance(v, np.generic) else v for v, _ in values]
+    good = [(v, q) for v, (_, q) in zip(plain, values)
+            if q is not Quality.BAD and v is not None and not (isinstance(v, float) and not math.isfinite(v))]
+    numbers = [float(v) for v, _ in good if isinstance(v, (int, float))]
+    assert stats["count"] == len(values)
+    assert stats["bad_count"] == len(values) - len(good)
+    assert stats["last"] == (good[-1][0] if good else None)
+    assert type(stats["last"]) is type(good[-1][0] if good else None)
+    if numbers:
+        assert stats["mean"] == pytest.approx(math.fsum(numbers) / len(numbers), rel=1e-12)
+        all_bool = all(isinstance(v, bool) for v, _ in good if isinstance(v, (int, float)))
+        assert stats["min"] == (bool(min(numbers)) if all_bool else min(numbers))
+        assert stats["max"] == (bool(max(numbers)) if all_bool else max(numbers))
+    else:
+        assert stats["mean"] is stats["min"] is stats["max"] is None
