@@ -26,8 +26,8 @@ from gateway import logs
 from gateway.backoff import is_nearby, refused_nearby
 from gateway.health import DeviceHealth
 from gateway.lazy import lazy
-from gateway.model import Quality, Sample, source_of
-from gateway.schema import Duration, Name, StrictModel
+from gateway.model import Quality, Sample, WriteFailed, WriteRefused, source_of
+from gateway.schema import Duration, Name, StrictModel, WritePermission
 
 # Imported by the first connection, not by config validation (see gateway.lazy).
 pymodbus = lazy("pymodbus")
@@ -62,7 +62,11 @@ class NoAnswer(ModbusError):
     """One request went unanswered while the link stayed up: a device error as well as bad values."""
 
 
-class ModbusTag(StrictModel):
+class BusBusy(DriverError):
+    """A write found no turn on its serial line within the device's timeout; nothing was sent."""
+
+
+class ModbusTag(WritePermission):
     name: Name
     table: Table = "holding"
     address: int = Field(ge=0, le=65535)  # zero-based, as on the wire
@@ -84,6 +88,8 @@ class ModbusTag(StrictModel):
             raise ValueError("coil and discrete tables hold type bool; bool lives only in coil or discrete")
         if self.type == "string" and self.count is None:
             raise ValueError("type string needs count (registers, two characters each)")
+        if self.writable and self.table not in ("holding", "coil"):
+            raise ValueError(f"writable: the {self.table} table is read-only in Modbus; only holding and coil tags can be written")
         if self.stride is not None and not self.is_range:
             raise ValueError("stride applies to a range: a tag with count and a type other than string")
         if self.is_range and self.step < self.width:
@@ -231,6 +237,59 @@ def decode(registers: Sequence[int], type: str, byte_order: Order = "big", word_
     tag = ModbusTag(name="value", address=0, type=type, byte_order=byte_order, word_order=word_order,
                     count=max(1, len(registers)) if type == "string" else None)
     return compile_decoder(tag, 0)(registers, *_packed(registers))
+
+
+_INT_RANGES = {"int16": (-(1 << 15), (1 << 15) - 1), "uint16": (0, (1 << 16) - 1),
+               "int32": (-(1 << 31), (1 << 31) - 1), "uint32": (0, (1 << 32) - 1),
+               "int64": (-(1 << 63), (1 << 63) - 1), "uint64": (0, (1 << 64) - 1)}
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def encode_value(tag: ModbusTag, value: Any) -> list[int] | bool:
+    """A value in engineering units -> the registers (or the coil state) that the driver's decoder
+    reads back as that value: scale and offset reversed, then `encode`. Anything that does not fit
+    the tag exactly is a WriteRefused (a wrong type, an integer out of the type's range, a value
+    between two steps of the scale): a write must never wrap around or round to a made-up value."""
+    what = f"{tag.name} ({tag.type})"
+    if tag.type == "bool":
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise WriteRefused(f"wrong type: {what} takes true or false, not {value!r}", "wrong_type")
+    if tag.type == "string":
+        if not isinstance(value, str):
+            raise WriteRefused(f"wrong type: {what} takes a string, not {value!r}", "wrong_type")
+        try:
+            data = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise WriteRefused(f"wrong type: {what} holds Latin-1 characters only", "wrong_type") from None
+        if b"\x00" in data or len(data) > 2 * tag.width:
+            raise WriteRefused(f"out of range: {what} holds at most {2 * tag.width} characters, without NUL",
+                               "out_of_range")
+        return encode(value, "string", tag.byte_order, tag.word_order, tag.width)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WriteRefused(f"wrong type: {what} takes a number, not {value!r}", "wrong_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WriteRefused(f"wrong type: {what} takes a finite number", "wrong_type")
+    if tag.scale == 1.0 and tag.offset == 0.0:
+        raw: int | float = value
+    else:
+        raw = (value - tag.offset) / tag.scale
+    if tag.type in _INT_RANGES:
+        nearest = round(raw)
+        # exact values only; a float tolerance for the division (e.g. 42.5 / 0.1 = 424.99999999999994)
+        if abs(raw - nearest) > 1e-9 * max(1.0, abs(raw)):
+            raise WriteRefused(f"out of range: {value!r} is between two steps of {what} "
+                               f"(scale {tag.scale:g}, offset {tag.offset:g}: raw {raw!r})", "out_of_range")
+        low, high = _INT_RANGES[tag.type]
+        if not low <= nearest <= high:
+            raise WriteRefused(f"out of range: {value!r} is raw {nearest} for {what}, outside {low}..{high}",
+                               "out_of_range")
+        raw = int(nearest)
+    elif tag.type == "float32" and abs(raw) > _FLOAT32_MAX:
+        raise WriteRefused(f"out of range: {value!r} does not fit a float32", "out_of_range")
+    elif not math.isfinite(raw):
+        raise WriteRefused(f"out of range: {value!r} does not fit {what}", "out_of_range")
+    return encode(raw, tag.type, tag.byte_order, tag.word_order)
 
 
 def _packed(registers: Sequence[int]) -> tuple[bytes, bytes]:
@@ -432,6 +491,12 @@ class TcpLink:
             raise DeviceDisconnected("connection lost")
         return await read(self.client)
 
+    async def exchange_within(self, op: Reader, wait: float) -> Any:
+        """A write's exchange: behind the requests already queued on the connection, all of it
+        within `wait` seconds. A cancelled wait never sends later (pymodbus sends under its lock)."""
+        async with asyncio.timeout(wait):
+            return await self.exchange(op)
+
     @property
     def connected(self) -> bool:
         return self.client.connected
@@ -491,6 +556,25 @@ class SerialBus:
                 # The line must stay silent for t3.5 before the next frame, whoever sends it.
                 await asyncio.sleep(self.gap)
 
+    async def exchange_within(self, op: Reader, wait: float) -> Any:
+        """A write's exchange: it takes its turn on the line like a poll (the lock is first come,
+        first served) but waits for it at most `wait` seconds; then BusBusy, and nothing is sent."""
+        try:
+            async with asyncio.timeout(wait):
+                await self.lock.acquire()
+        except TimeoutError:
+            raise BusBusy(f"{self.settings.port} was busy for {wait:g}s; nothing was sent") from None
+        try:
+            if not self.client.connected:
+                raise DeviceDisconnected(f"{self.settings.port} is closed")
+            try:
+                return await op(self.client)
+            finally:
+                self.requests += 1
+                await asyncio.sleep(self.gap)
+        finally:
+            self.lock.release()
+
     @property
     def connected(self) -> bool:
         return self.client.connected
@@ -527,6 +611,8 @@ class ModbusDriver:
         # per request of the plan (keyed by the object): (source, unit) of its tags, in tag order
         self._outputs = {id(r): [(self._sources[t.name], t.unit) for t, _ in r.tags] for r in self.plan}
         self._bad_tags: set[str] = set()  # so that healthy polls skip the health bookkeeping
+        self._live: TcpLink | SerialBus | None = None  # the open link, while a session runs
+        self._tags = {t.name: t for t in config.tags}
 
     async def run(self, emit: Emit) -> None:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
@@ -543,12 +629,14 @@ class ModbusDriver:
         link = self._link()
         try:
             await link.open()
+            self._live = link  # writes go through the link the polls use
             try:
                 await every(self.config.poll_interval, lambda: self.poll(link, emit), self.health)
             except DeviceDisconnected:
                 await mark_bad(self.config, emit)  # once per outage
                 raise
         finally:
+            self._live = None
             link.close()
 
     async def _read(self, link: TcpLink | SerialBus, request: ReadRequest) -> Sequence[int] | Sequence[bool]:
@@ -666,6 +754,72 @@ class ModbusDriver:
                     self._bad_tags.discard(tag.name)
                     self.health.good_value(key=f"tag:{tag.name}")
                 await emit(Sample(source, value, now, Quality.GOOD, tag.unit))
+
+
+    # ----- writes (the command router calls these; it has checked permission and bounds) -----
+
+    async def check(self, tag_name: str, value: Any) -> None:
+        """WriteRefused if `value` cannot be written to the tag; nothing is sent."""
+        tag = self._tags.get(tag_name)
+        if tag is None or not tag.writable:
+            raise WriteRefused(f"not writable: {self.config.name}.{tag_name}", "not_writable")
+        encode_value(tag, value)
+
+    async def write(self, tag_name: str, value: Any) -> Any:
+        """Write one tag through the device's own link (behind the polls); then, unless the tag
+        says `verify: false`, read it back and return the value read (None without verify)."""
+        tag = self._tags.get(tag_name)
+        if tag is None or not tag.writable:
+            raise WriteRefused(f"not writable: {self.config.name}.{tag_name}", "not_writable")
+        encoded = encode_value(tag, value)  # refusals happen here, before the link is touched
+        link = self._live
+        if link is None or not link.connected:
+            raise WriteRefused(f"device disconnected: {self.config.name}; nothing was sent", "disconnected")
+        unit = self.config.unit_id
+
+        async def send(client: Any) -> Any:
+            if tag.table == "coil":
+                return await client.write_coil(tag.address, bool(encoded), device_id=unit)
+            assert isinstance(encoded, list)
+            if len(encoded) == 1:
+                return await client.write_register(tag.address, encoded[0], device_id=unit)
+            return await client.write_registers(tag.address, encoded, device_id=unit)  # one request
+
+        response = await self._write_exchange(link, send, f"write {tag.table}@{tag.address}")
+        if response.isError():
+            raise WriteFailed(f"device refused the write of {tag_name}: exception code {response.exception_code}")
+        if not tag.verify:
+            return None
+        request = ReadRequest(tag.table, tag.address, tag.width, [(tag, 0)])
+
+        async def read(client: Any) -> Any:
+            return await getattr(client, _READS[tag.table])(tag.address, count=tag.width, device_id=unit)
+
+        response = await self._write_exchange(link, read, f"read-back {tag.table}@{tag.address}")
+        if response.isError():
+            raise WriteFailed(f"written, but the read-back of {tag_name} got exception code {response.exception_code}",
+                              "read_back_failed")
+        values = response.bits[: tag.width] if tag.table in _BIT_TABLES else response.registers
+        (_, read_back, problem), = decode_request(request, values)
+        if problem is not None:
+            raise WriteFailed(f"written, but the read-back is not a value: {problem}", "read_back_failed")
+        return read_back
+
+    async def _write_exchange(self, link: TcpLink | SerialBus, op: Reader, what: str) -> Any:
+        try:
+            response = await link.exchange_within(op, self.config.timeout)
+        except BusBusy as exc:
+            raise WriteFailed(str(exc), "busy") from None
+        except DeviceDisconnected as exc:
+            raise WriteRefused(f"device disconnected: {exc}; nothing was sent", "disconnected") from None
+        except (pymodbus_exceptions.ModbusException, OSError, TimeoutError) as exc:
+            raise WriteFailed(f"no answer to {what} within {self.config.timeout:g}s "
+                              f"({type(exc).__name__}); the device may have taken it", "no_answer") from None
+        check_cancelled()
+        return response
+
+    async def call(self, method: str, args: list[Any]) -> list[Any]:
+        raise WriteRefused(f"unknown method: Modbus device {self.config.name} has no methods", "unknown_method")
 
 
 def _factory(config: DeviceConfig, health: DeviceHealth, context: DriverContext) -> ModbusDriver:

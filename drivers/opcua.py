@@ -27,8 +27,8 @@ from drivers.base import (DeviceConfig, DeviceDisconnected, DriverContext, Drive
 from gateway import logs
 from gateway.health import DeviceHealth
 from gateway.lazy import lazy
-from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform, source_of
-from gateway.schema import Duration, Name, SecretFile, StrictModel, read_secret
+from gateway.model import NEW_CAPTURE, Quality, Sample, Waveform, WriteFailed, WriteRefused, source_of
+from gateway.schema import Duration, Name, SecretFile, StrictModel, WritePermission, read_secret
 
 if TYPE_CHECKING:
     from asyncua import Client
@@ -99,7 +99,7 @@ class OpcUaSecurity(StrictModel):
         return self
 
 
-class OpcUaTag(StrictModel):
+class OpcUaTag(WritePermission):
     name: Name
     node: str  # e.g. "ns=2;s=Oven.Temperature"
     unit: str | None = None
@@ -129,6 +129,8 @@ class OpcUaTag(StrictModel):
     def _check(self) -> "OpcUaTag":
         if self.sample_rate is not None and self.sample_rate_node is not None:
             raise ValueError("sample_rate and sample_rate_node: give one")
+        if self.writable and self.waveform:
+            raise ValueError("writable: a waveform tag cannot be written")
         if not self.waveform and "capture" in self.model_fields_set:
             raise ValueError("capture applies to waveform tags only (with sample_rate or sample_rate_node)")
         return self
@@ -136,6 +138,56 @@ class OpcUaTag(StrictModel):
     @property
     def waveform(self) -> bool:
         return self.sample_rate is not None or self.sample_rate_node is not None
+
+
+# The scalar types a write or a method argument can take, and the range of the integer ones.
+ArgType = Literal["Boolean", "SByte", "Byte", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64",
+                  "Float", "Double", "String"]
+_INT_RANGES = {"SByte": (-(1 << 7), (1 << 7) - 1), "Byte": (0, (1 << 8) - 1),
+               "Int16": (-(1 << 15), (1 << 15) - 1), "UInt16": (0, (1 << 16) - 1),
+               "Int32": (-(1 << 31), (1 << 31) - 1), "UInt32": (0, (1 << 32) - 1),
+               "Int64": (-(1 << 63), (1 << 63) - 1), "UInt64": (0, (1 << 64) - 1)}
+_FLOAT_MAX = 3.4028234663852886e38
+
+
+class OpcUaMethod(StrictModel):
+    """A method the gateway may call (`cmd/call`): nothing else on the server is callable."""
+
+    name: Name
+    object: str  # node id of the object the method belongs to
+    method: str  # node id of the method
+    args: list[ArgType] = Field(default_factory=list, description="the input argument types, in order")
+
+    _node_ids = field_validator("object", "method")(lambda cls, v: OpcUaTag._node_id(v))
+
+
+def to_variant(value: Any, vtype: str, what: str) -> ua.Variant:
+    """A JSON value as a Variant of the node's (or argument's) own type; WriteRefused when it does
+    not fit: never a silent conversion (a float into an Int16, a string into a Double)."""
+    if vtype == "Boolean":
+        if isinstance(value, bool):
+            return ua.Variant(value, ua.VariantType.Boolean)
+        raise WriteRefused(f"wrong type: {what} is Boolean, not {value!r}", "wrong_type")
+    if vtype == "String":
+        if isinstance(value, str):
+            return ua.Variant(value, ua.VariantType.String)
+        raise WriteRefused(f"wrong type: {what} is String, not {value!r}", "wrong_type")
+    if vtype not in _INT_RANGES and vtype not in ("Float", "Double"):
+        raise WriteRefused(f"wrong type: {what} is {vtype}, which the gateway does not write", "wrong_type")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WriteRefused(f"wrong type: {what} is {vtype}, not {value!r}", "wrong_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WriteRefused(f"wrong type: {what} takes a finite number", "wrong_type")
+    if vtype in _INT_RANGES:
+        if isinstance(value, float) and not value.is_integer():
+            raise WriteRefused(f"wrong type: {what} is {vtype}, an integer, not {value!r}", "wrong_type")
+        low, high = _INT_RANGES[vtype]
+        if not low <= value <= high:
+            raise WriteRefused(f"out of range: {value!r} does not fit {what} ({vtype}: {low}..{high})", "out_of_range")
+        return ua.Variant(int(value), getattr(ua.VariantType, vtype))
+    if vtype == "Float" and abs(value) > _FLOAT_MAX:
+        raise WriteRefused(f"out of range: {value!r} does not fit {what} (Float)", "out_of_range")
+    return ua.Variant(float(value), getattr(ua.VariantType, vtype))
 
 
 class OpcUaConfig(DeviceConfig):
@@ -151,6 +203,14 @@ class OpcUaConfig(DeviceConfig):
     sampling_interval: Duration = 0.0  # subscribe mode: 0 lets the server sample as fast as it can
     queue_size: int = Field(1000, ge=1)
     tags: list[OpcUaTag] = Field(min_length=1)
+    methods: list[OpcUaMethod] = Field(default_factory=list, description="methods cmd/call may call; nothing else is callable")
+
+    @model_validator(mode="after")
+    def _unique_methods(self) -> "OpcUaConfig":
+        methods = [m.name for m in self.methods]
+        if len(methods) != len(set(methods)):
+            raise ValueError("method names must be unique within a device")
+        return self
 
     def waveform_tags(self) -> set[str]:
         return {t.name for t in self.tags if t.waveform}
@@ -272,6 +332,10 @@ class OpcUaDriver:
         self._rates: dict[str, float] = {}  # tag -> rate read from its sample_rate_node
         self._last_stamp: dict[str, tuple] = {}  # waveform tag -> timestamps of the last array seen
         self._next_ts: dict[str, float] = {}  # continuous waveform tag -> where its next block starts
+        self._live: Client | None = None  # the connected client, while a session runs
+        self._types: dict[str, str] = {}  # node id -> its DataType as a VariantType name, read once
+        self._tags = {t.name: t for t in config.tags}
+        self._methods = {m.name: m for m in config.methods}
 
     async def run(self, emit: Emit) -> None:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
@@ -313,6 +377,7 @@ class OpcUaDriver:
             with _peer_errors("connect", DeviceDisconnected):
                 await asyncio.wait_for(client.connect(), timeout=max(cfg.timeout * 5, 5.0))
             self.health.ok()
+            self._live = client  # writes and calls use the session the reads use
             nodes = [client.get_node(t.node) for t in cfg.tags]
             rate_nodes = [client.get_node(t.sample_rate_node) for t in self._rate_tags]
             try:
@@ -324,6 +389,7 @@ class OpcUaDriver:
                 await mark_bad(cfg, emit)  # once per outage
                 raise
         finally:
+            self._live = None
             try:
                 await asyncio.wait_for(client.disconnect(), timeout=2.0)
             except Exception:  # noqa: BLE001 - the server may already be gone; nothing to do
@@ -472,6 +538,81 @@ class OpcUaDriver:
                 restart = "ts gap"
         self._next_ts[name] = ts + n / fs
         return ts, restart
+
+
+    # ----- writes and method calls (the command router has checked permission and bounds) -----
+
+    def _client_now(self) -> Client:
+        client = self._live
+        if client is None:
+            raise WriteRefused(f"device disconnected: {self.config.name}; nothing was sent", "disconnected")
+        return client
+
+    async def check(self, tag_name: str, value: Any) -> None:
+        """WriteRefused if `value` does not fit the tag's node; reads its data type (once)."""
+        await self._prepare(tag_name, value)
+
+    async def _prepare(self, tag_name: str, value: Any) -> tuple[OpcUaTag, Any, ua.Variant]:
+        tag = self._tags.get(tag_name)
+        if tag is None or not tag.writable:
+            raise WriteRefused(f"not writable: {self.config.name}.{tag_name}", "not_writable")
+        client = self._client_now()
+        node = client.get_node(tag.node)
+        timeout = self.config.timeout
+        vtype = self._types.get(tag.node)
+        if vtype is None:
+            try:
+                async with asyncio.timeout(timeout):
+                    vtype = (await node.read_data_type_as_variant_type()).name
+            except (TimeoutError, OSError, ua.UaError) as exc:
+                raise WriteFailed(f"cannot read the data type of {tag.node}: {type(exc).__name__}: {exc}; "
+                                  "nothing was written", "no_answer") from None
+            self._types[tag.node] = vtype
+        return tag, node, to_variant(value, vtype, f"{tag.name} ({tag.node})")
+
+    async def write(self, tag_name: str, value: Any) -> Any:
+        """Write a tag's node with the node's own data type, then (unless `verify: false`) read
+        it back and return the value read."""
+        tag, node, variant = await self._prepare(tag_name, value)
+        timeout = self.config.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await node.write_value(ua.DataValue(variant))
+        except ua.UaStatusCodeError as exc:
+            raise WriteFailed(f"the server refused the write of {tag.name}: {exc}") from None
+        except (TimeoutError, OSError, ua.UaError) as exc:
+            raise WriteFailed(f"no answer to the write of {tag.name} within {timeout:g}s ({type(exc).__name__}); "
+                              "the server may have taken it", "no_answer") from None
+        if not tag.verify:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                return _plain(await node.read_value())
+        except (TimeoutError, OSError, ua.UaError) as exc:
+            raise WriteFailed(f"written, but the read-back of {tag.name} failed: {type(exc).__name__}: {exc}",
+                              "read_back_failed") from None
+
+    async def call(self, method_name: str, args: list[Any]) -> list[Any]:
+        """Call a configured method with its declared argument types; its output arguments."""
+        method = self._methods.get(method_name)
+        if method is None:
+            raise WriteRefused(f"unknown method: {self.config.name} has no method {method_name!r}", "unknown_method")
+        if len(args) != len(method.args):
+            raise WriteRefused(f"wrong type: {method_name} takes {len(method.args)} arguments "
+                               f"({', '.join(method.args) or 'none'}), got {len(args)}", "wrong_type")
+        variants = [to_variant(a, t, f"{method_name} argument {i + 1}") for i, (a, t) in enumerate(zip(args, method.args))]
+        client = self._client_now()
+        request = ua.CallMethodRequest(ObjectId=ua.NodeId.from_string(method.object),
+                                       MethodId=ua.NodeId.from_string(method.method), InputArguments=variants)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                result, = await client.uaclient.call([request])
+        except (TimeoutError, OSError, ua.UaError) as exc:
+            raise WriteFailed(f"no answer to the call of {method_name} within {self.config.timeout:g}s "
+                              f"({type(exc).__name__}); the server may have run it", "no_answer") from None
+        if not result.StatusCode.is_good():
+            raise WriteFailed(f"the server refused the call of {method_name}: {result.StatusCode.name}")
+        return [_plain(v.Value) for v in result.OutputArguments or []]
 
 
 def _certificate_uri(path: Path) -> str | None:

@@ -23,6 +23,7 @@ from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.aio import first_of
 from gateway.backoff import Backoff
 from gateway.buffer import Buffer
+from gateway.commands import COMMANDS, CommandRouter, RequestMemory
 from gateway.config import GatewayConfig
 from gateway.health import DeviceHealth, LoopLag, Notifier
 from gateway.metrics import Exporter, MetricsError
@@ -54,6 +55,8 @@ class Pipeline:
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
         context = DriverContext()  # what this pipeline's drivers share (serial lines)
         self.drivers = [driver_registry.create(d, context) for d in cfg.devices if d.enabled]
+        self.commands = CommandRouter(cfg.commands, {d.config.name: d for d in self.drivers}, self._store,
+                                      memory=app.request_memory)
         # One Upstream per configured broker, each with its own link (cursor) in the buffer.
         self.upstreams: list[Upstream] = []
         for ucfg in cfg.all_upstreams:
@@ -270,6 +273,7 @@ class Pipeline:
             "analyses": self.analytics.stats(),
             "analytics": self.features.stats(),
             "rules": self.rules.health(),
+            "commands": self.commands.stats(),
             "loop_lag": self.loop_lag.to_dict(),
         }
 
@@ -323,6 +327,7 @@ class App:
         self._pending: GatewayConfig | None = None
         self._reload = asyncio.Event()
         self.metrics = Exporter(self)
+        self.request_memory = RequestMemory()  # request ids already run: kept across reloads
 
     # ----- signals and commands -----
 
@@ -356,7 +361,11 @@ class App:
     def uptime(self) -> float:
         return round(time.monotonic() - self._started_mono, 3)
 
-    async def command(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def command(self, name: str, request: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        if name in COMMANDS:
+            if self.pipeline is None:
+                return {"ok": False, "error": "the gateway is starting", "reason": "disconnected"}
+            return await self.pipeline.commands.handle(name, request, meta)
         if name == "ping":
             return {"ok": True, "pong": True, "uptime_s": self.uptime(), "version": __version__}
         if name == "reload":
@@ -364,7 +373,7 @@ class App:
             return {"ok": not problems, "error": "\n".join(problems) if problems else None}
         if name == "rebirth":
             return self._rebirth()
-        return {"ok": False, "error": f"unknown command {name!r} (known: ping, reload, rebirth)"}
+        return {"ok": False, "error": f"unknown command {name!r} (known: ping, reload, rebirth, write, call)"}
 
     def _rebirth(self) -> dict[str, Any]:
         """Every rebirth writes all alarms into the buffer again, so they are rate-limited: at

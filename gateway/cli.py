@@ -84,6 +84,18 @@ def config_summary(cfg: GatewayConfig) -> str:
                      + (" ..." if len(d.tag_names()) > 8 else ""))
         if d.summary():
             lines.append(f"    {'':<16} {d.summary()}")
+    token = ", token required" if cfg.commands.token_file else ""
+    lines.append(f"  commands  writes {'ENABLED' if cfg.commands.write else 'disabled'}{token} "
+                 f"(cmd/write, cmd/call; audit -> {cfg.topic_prefix}/events/commands)")
+    for d in cfg.devices:
+        writable = [t for t in getattr(d, "tags", []) if getattr(t, "writable", False)]
+        methods = [m.name for m in getattr(d, "methods", [])]
+        if writable or methods:
+            described = [t.name + (f" [{t.min if t.min is not None else ''}..{t.max if t.max is not None else ''}]"
+                                   if t.min is not None or t.max is not None else "")
+                         + (f" {{{', '.join(map(str, t.allowed))}}}" if t.allowed else "") for t in writable]
+            lines.append(f"    {d.name:<16} writable: {', '.join(described) or 'none'}"
+                         + (f"; methods: {', '.join(methods)}" if methods else ""))
     lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
     lines.append(f"  analyses  {len(cfg.analyses)}, computed by {cfg.analytics.threads} worker thread(s), "
                  f"at most {cfg.analytics.queue} windows queued")

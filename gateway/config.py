@@ -22,6 +22,7 @@ import drivers
 import rules
 from drivers.registry import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesConfig
+from gateway.commands import CommandsConfig
 from gateway.metrics import MetricsConfig
 from gateway.model import source_of
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
@@ -94,6 +95,7 @@ class GatewayConfig(BaseSettings):
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     rules: list[_rule_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     metrics: MetricsConfig | None = Field(None, description="Prometheus /metrics; off when absent")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig, description="cmd/write and cmd/call (write-back); off by default")
     _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings
 
     @model_validator(mode="after")

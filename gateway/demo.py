@@ -68,6 +68,23 @@ class EmbeddedBroker:
                 await asyncio.wait_for(self._broker.shutdown(), 5)
 
 
+DEMO_WRITE = {"device": "press1", "tag": "setpoint", "value": 60.0}
+
+
+async def _demo_write(app) -> None:
+    """One write-back once the press is connected: `cmd/write`'s own road (the command router,
+    the device's link), so its audit event shows in the view like any other."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pipeline = app.pipeline
+        if pipeline is not None and any(d.config.name == DEMO_WRITE["device"] and d.health.connected
+                                        for d in pipeline.drivers):
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # the upstream link is up too, so the event is forwarded at once
+    await app.command("write", {"id": f"demo-{os.getpid()}", **DEMO_WRITE}, {"client_id": "edge-gateway-demo"})
+
+
 async def _run(args) -> int:
     from drivers.sim.modbus import ModbusSimulator
     from drivers.sim.opcua import OpcUaSimulator
@@ -122,6 +139,7 @@ async def _run(args) -> int:
 
     started = time.time()
     gateway = asyncio.create_task(app.run(), name="demo.gateway")
+    writer = asyncio.create_task(_demo_write(app), name="demo.write")
 
     def title() -> str:
         running = time.time() - started
@@ -139,7 +157,8 @@ async def _run(args) -> int:
     finally:
         screen_task.cancel()
         vibration.cancel()
-        await asyncio.gather(screen_task, vibration, return_exceptions=True)
+        writer.cancel()
+        await asyncio.gather(screen_task, vibration, writer, return_exceptions=True)
         await asyncio.sleep(0.5)  # let the last messages reach the view
         view.close()
         await opcua.stop()

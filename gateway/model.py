@@ -144,3 +144,21 @@ def iso_ts(ts: float) -> str:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
+
+
+class WriteRefused(Exception):
+    """A write or call that was refused before anything was sent to the device. `reason` is a
+    short code for the reply (`wrong_type`, `out_of_bounds`, `disconnected`, ...)."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WriteFailed(Exception):
+    """A write or call that went to the device and failed there (an exception answer, no answer,
+    a bad status); the message says whether it may have taken effect."""
+
+    def __init__(self, message: str, reason: str = "device_error") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -128,3 +128,26 @@ class BrokerConfig(StrictModel):
 
     def resolved_password(self) -> str | None:
         return self.password if self.password is not None else read_secret(self.password_file)
+
+
+WriteValue = bool | int | float | str
+
+
+class WritePermission(StrictModel):
+    """What a tag allows to be written (drivers' tag models inherit it). Off unless `writable`."""
+
+    writable: bool = Field(False, description="the gateway may write this tag (also needs commands.write: true)")
+    min: float | None = Field(None, description="writable: lowest value accepted, in engineering units (after scale/offset)")
+    max: float | None = Field(None, description="writable: highest value accepted, in engineering units")
+    allowed: list[WriteValue] | None = Field(None, min_length=1, description="writable: the only values accepted")
+    verify: bool = Field(True, description="writable: read the value back after a write and reply with it")
+
+    @model_validator(mode="after")
+    def _write_limits(self) -> "WritePermission":
+        if not self.writable:
+            given = [k for k in ("min", "max", "allowed") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to writable tags only (add writable: true)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self

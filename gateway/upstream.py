@@ -37,7 +37,8 @@ from gateway.upstream_format import DEVICE_POLL, Command, Format, JsonFormat, Me
 log = logs.get("gateway.upstream")
 
 COMMAND_QUEUE = 100  # commands waiting for the one task that runs them
-CommandHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# (command name, request, MQTT metadata of the request: `client_id` when the sender gave one)
+CommandHandler = Callable[[str, dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class UpstreamError(SessionError):
@@ -362,7 +363,7 @@ class Upstream:
         try:
             if self.on_command is None:
                 raise ValueError("commands are not available")
-            reply = await self.on_command(command.name, command.request)
+            reply = await self.on_command(command.name, command.request, {**_command_meta(command.props), "upstream": self.name})
         except Exception as exc:  # noqa: BLE001 - a bad command never kills the link
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         if reply.get("ok", True):
@@ -380,7 +381,7 @@ class Upstream:
                     raise ValueError("the command payload must be a JSON object")
             if self.on_command is None:
                 raise ValueError("commands are not available")
-            reply = await self.on_command(name, request)
+            reply = await self.on_command(name, request, _command_meta(props))
         except Exception as exc:  # noqa: BLE001 - a bad command gets an error reply, never kills the link
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)}
         reply.setdefault("ok", True)
@@ -422,3 +423,14 @@ class Upstream:
                     reply_topic=self.topic(f"cmd/{name}/reply"),
                     hint=f"a response topic must be below {base}, e.g. {base}{name}/reply/<client>")
         return None
+
+
+def _command_meta(props) -> dict[str, Any]:
+    """What the request's MQTT 5 properties say about its sender, for the audit trail. A broker
+    passes user properties through unchanged, so `client_id` is what the sender claims (the
+    broker's ACL, not this, decides who may send)."""
+    meta: dict[str, Any] = {}
+    for key, value in (getattr(props, "UserProperty", None) or []) if props is not None else []:
+        if key == "client_id":
+            meta["client_id"] = value
+    return meta

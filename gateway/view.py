@@ -110,6 +110,16 @@ def describe(kind: str, name: str, p: dict[str, Any]) -> str | None:
         zone = f" zone {p['zone']}" if p.get("zone") else ""
         return (f"ALARM {p.get('rule', name)} {str(p.get('state', '?')).upper()} [{p.get('severity')}]{zone} "
                 f"value={fmt(p.get('value'))} limit={fmt(p.get('limit'))}")
+    if kind == "events" and name == "commands":  # the write-back audit trail
+        if p.get("command") == "call":
+            what = f"call {p.get('device')}.{p.get('method')}({', '.join(map(fmt, p.get('args') or []))})"
+        else:
+            what = f"write {p.get('device')}." + ", ".join(f"{r.get('tag')}={fmt(r.get('value'))}"
+                                                        for r in p.get("results") or [])
+        back = f" read_back={fmt(p.get('read_back'))}" if p.get("read_back") is not None else ""
+        why = f" ({p.get('reason')}: {p.get('error')})" if p.get("error") else ""
+        by = f" by {p['client_id']}" if p.get("client_id") else ""
+        return f"command {what} {str(p.get('outcome', '?')).upper()}{back}{why} id={p.get('id')}{by}"
     if kind == "events":
         what = p.get("result") or p.get("state")
         if what == "PASS":

@@ -10,6 +10,7 @@ holding
   7      status        int16    0 stopped, 1 running
   8-11   energy        float64  kWh, grows while running
   12-15  serial        string   "SIM-0001" (4 registers)
+  16-17  setpoint      float32  degC, writable (45.0 at start): what the gateway's write-back sets
   100-399 scratch      writable registers (0), for tests and benchmarks
 input
   0-1    voltage       float32  V, around 400
@@ -21,6 +22,8 @@ discrete
   0      door_open     always False
   1      overtemp      temperature > 80
 
+Holding 0-15 are read-only (a write answers exception 2); `writes` counts the write requests
+received per (unit id, table), so tests can see that a refused write sent nothing.
 Addresses outside the map answer with exception 2 (illegal data address). `fail` holds
 addresses of the holding table that answer with exception 4 (device failure), for tests.
 Unit ids not in `unit_ids` get no answer on RTU, and exception 11 (gateway target failed to
@@ -48,10 +51,13 @@ from pymodbus.simulator.simcore import SimCore
 
 from drivers.modbus import encode
 
+SETPOINT = 16
+SETPOINT_DEFAULT = 45.0
 SCRATCH = 100
 SCRATCH_COUNT = 300
 
 # function code -> table name, for the request counters
+_WRITE_FCS = (5, 6, 15, 16)
 _TABLE_OF_FC = {1: "coil", 2: "discrete", 3: "holding", 4: "input", 5: "coil", 6: "holding", 15: "coil",
                 16: "holding"}
 
@@ -186,6 +192,7 @@ class ModbusSimulator:
         self.latency = latency  # TCP: seconds added to every answer (a slow link)
         self.model = model or MachineModel()
         self.requests: Counter[tuple[int, str]] = Counter()
+        self.writes: Counter[tuple[int, str]] = Counter()
         self.fail: set[int] = set()
         self.server: ModbusTcpServer | ModbusSerialServer | None = None
         self._task: asyncio.Task | None = None
@@ -198,7 +205,7 @@ class ModbusSimulator:
         devices = []
         for unit in self.unit_ids:
             holding = [
-                SimData(0, count=16, values=0, datatype=DataType.REGISTERS),
+                SimData(0, values=[0] * SETPOINT + encode(SETPOINT_DEFAULT, "float32"), datatype=DataType.REGISTERS),
                 SimData(SCRATCH, count=SCRATCH_COUNT, values=0, datatype=DataType.REGISTERS),
             ]
             inputs = [SimData(0, count=3, values=0, datatype=DataType.REGISTERS)]
@@ -215,7 +222,7 @@ class ModbusSimulator:
         if table == "holding":
             if set_values is None and any(a in self.fail for a in range(address, address + count)):
                 return ExcCodes.DEVICE_FAILURE
-            if set_values is not None and address < SCRATCH:
+            if set_values is not None and address < SETPOINT:
                 return ExcCodes.ILLEGAL_ADDRESS  # the live values are read-only
             registers[0 - start_address:16 - start_address] = self.model.holding(now)
         elif table == "input":
@@ -230,7 +237,10 @@ class ModbusSimulator:
 
     def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
-            self.requests[(pdu.dev_id, _TABLE_OF_FC.get(pdu.function_code, str(pdu.function_code)))] += 1
+            key = (pdu.dev_id, _TABLE_OF_FC.get(pdu.function_code, str(pdu.function_code)))
+            self.requests[key] += 1
+            if pdu.function_code in _WRITE_FCS:
+                self.writes[key] += 1
         return pdu
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 5020) -> "ModbusSimulator":

@@ -9,6 +9,11 @@ Nodes, all in the namespace `urn:edge-gateway:sim` (index 2, so ids read `ns=2;s
   Oven.State        String   "running" / "idle"
   Oven.Broken       Double   always status BadSensorFailure, for bad-quality tests
   Oven.Counter      Int64    +1 every update, for throughput measurements
+  Oven.Batches      UInt32   writable, +1 every `batch_s` seconds; write 0 to reset it
+  Oven.Mode         Int16    writable, 0
+  Oven.StartTest    method   (step Int16, duration_s Double) -> (accepted Boolean, run UInt32):
+                             accepted when 0 <= step <= 10; run counts the accepted calls. Every
+                             call is kept in `calls` (the tests count them)
   Motor.Capture     Float[]  a vibration capture (g): `capture_samples` at `capture_rate` Hz of a
                              bearing with an outer-race defect (drivers.sim.vibration), a new one
                              every `capture_every` seconds, stamped with the capture's start;
@@ -44,7 +49,7 @@ from drivers.sim.vibration import make_signal
 
 NAMESPACE = "urn:edge-gateway:sim"
 SERVER_URI = "urn:edge-gateway:sim:server"
-NODES = ("Temperature", "Setpoint", "Running", "Parts", "State", "Broken", "Counter")
+NODES = ("Temperature", "Setpoint", "Running", "Parts", "State", "Broken", "Counter", "Batches", "Mode")
 MOTOR_NODES = ("Capture", "SampleRate")
 
 
@@ -81,7 +86,7 @@ class OpcUaSimulator:
                  cert_dir: str | Path | None = None, users: dict[str, str] | None = None,
                  period: float = 0.1, run_s: float = 20.0, stop_s: float = 5.0,
                  capture_samples: int = 4096, capture_rate: float = 12800.0, capture_every: float | None = 1.0,
-                 shaft_hz: float = 29.93) -> None:
+                 shaft_hz: float = 29.93, batch_s: float = 5.0) -> None:
         self.endpoint = f"opc.tcp://{host}:{port}/"
         self.secure = secure
         self.cert_dir = Path(cert_dir) if cert_dir else None
@@ -97,6 +102,8 @@ class OpcUaSimulator:
         self.capture_samples, self.capture_rate, self.capture_every = capture_samples, capture_rate, capture_every
         self.shaft_hz = shaft_hz
         self.captures: deque[float] = deque(maxlen=10_000)  # source timestamps of the captures written
+        self.batch_s = batch_s
+        self.calls: list[tuple[int, float]] = []  # StartTest arguments, one entry per call
         self._signal_rng = np.random.default_rng(7)
 
     async def start(self) -> "OpcUaSimulator":
@@ -121,7 +128,8 @@ class OpcUaSimulator:
         initial = {"Temperature": (180.0, ua.VariantType.Double), "Setpoint": (180.0, ua.VariantType.Double),
                    "Running": (True, ua.VariantType.Boolean), "Parts": (0, ua.VariantType.UInt32),
                    "State": ("running", ua.VariantType.String), "Broken": (0.0, ua.VariantType.Double),
-                   "Counter": (0, ua.VariantType.Int64)}
+                   "Counter": (0, ua.VariantType.Int64), "Batches": (0, ua.VariantType.UInt32),
+                   "Mode": (0, ua.VariantType.Int16)}
         for name, (value, vtype) in initial.items():
             node = await oven.add_variable(ua.NodeId(f"Oven.{name}", idx), ua.QualifiedName(name, idx),
                                            ua.Variant(value, vtype))
@@ -134,7 +142,11 @@ class OpcUaSimulator:
         self.nodes["SampleRate"] = await motor.add_variable(
             ua.NodeId("Motor.SampleRate", idx), ua.QualifiedName("SampleRate", idx),
             ua.Variant(float(self.capture_rate), ua.VariantType.Double))
-        await self.nodes["Setpoint"].set_writable()
+        for name in ("Setpoint", "Batches", "Mode"):
+            await self.nodes[name].set_writable()
+        await oven.add_method(ua.NodeId("Oven.StartTest", idx), ua.QualifiedName("StartTest", idx), self._start_test,
+                              [ua.VariantType.Int16, ua.VariantType.Double],
+                              [ua.VariantType.Boolean, ua.VariantType.UInt32])
         await self.nodes["Broken"].write_value(ua.DataValue(
             ua.Variant(0.0, ua.VariantType.Double), ua.StatusCode(ua.StatusCodes.BadSensorFailure),
             SourceTimestamp=_dt.datetime.now(_dt.timezone.utc)))
@@ -143,6 +155,12 @@ class OpcUaSimulator:
         self._tasks = [asyncio.create_task(self._update(), name="sim.opcua.update"),
                        asyncio.create_task(self._capture(first), name="sim.opcua.capture")]
         return self
+
+    async def _start_test(self, parent, step: ua.Variant, duration: ua.Variant) -> list[ua.Variant]:  # noqa: ANN001
+        self.calls.append((step.Value, duration.Value))
+        accepted = 0 <= step.Value <= 10
+        run = sum(1 for s, _ in self.calls if 0 <= s <= 10)
+        return [ua.Variant(accepted, ua.VariantType.Boolean), ua.Variant(run, ua.VariantType.UInt32)]
 
     @property
     def capture_duration(self) -> float:
@@ -173,7 +191,12 @@ class OpcUaSimulator:
 
     async def _update(self) -> None:
         counter = 0
+        last_batch = time.monotonic()
         while True:
+            if time.monotonic() - last_batch >= self.batch_s:  # counts on from a value a client wrote
+                last_batch = time.monotonic()
+                batches = await self.nodes["Batches"].read_value()
+                await self.nodes["Batches"].write_value(ua.Variant(batches + 1, ua.VariantType.UInt32))
             now = time.time()
             stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc)
             running = self.running(now)

@@ -48,3 +48,8 @@ def test_demo_runs_60s_and_delivers_summaries_features_and_alarms(tmp_path):
     alarms = [p for t, p in got if t.startswith("edge/demo-gw/alarms/")]
     assert any(a["state"] == "raised" for a in alarms), alarms
     assert "demo stopped; received upstream:" in text
+    # the demo's one write-back: done, read back, and audited upstream
+    (audit,) = [p for t, p in got if t == "edge/demo-gw/events/commands"]
+    assert audit["outcome"] == "done" and audit["tag"] == "setpoint" and audit["read_back"] == 60.0
+    assert audit["client_id"] == "edge-gateway-demo"
+    assert re.search(r"command write press1\.setpoint=60(\.0)? DONE read_back=60", text), text

@@ -11,7 +11,7 @@ from tests.discover.conftest import discover, parse, read_all, write_config
 from tests.drivers.test_modbus_rtu import BAUD, pty_pair  # noqa: F401 - the socat fixture
 
 # The simulator's map (drivers/sim/modbus.py), as discover reports it.
-SIM_MAP = {"coil": [(0, 15)], "discrete": [(0, 15)], "holding": [(0, 15), (100, 399)], "input": [(0, 2)]}
+SIM_MAP = {"coil": [(0, 15)], "discrete": [(0, 15)], "holding": [(0, 17), (100, 399)], "input": [(0, 2)]}
 
 
 def ranges(device: str, stdout: str) -> dict[str, list[tuple[int, int]]]:
@@ -55,7 +55,7 @@ async def test_narrowing_finds_a_refused_register_and_respects_a_small_budget():
     try:
         res = await discover("modbus", f"127.0.0.1:{port}", "--addresses", "0-499", "--tables", "holding")
         assert res.returncode == 0, res.stderr
-        assert ranges("modbus_127_0_0_1", res.stdout) == {"holding": [(0, 4), (6, 15), (120, 399)]}
+        assert ranges("modbus_127_0_0_1", res.stdout) == {"holding": [(0, 4), (6, 17), (120, 399)]}
         before = sim.total_requests
         small = await discover("modbus", f"127.0.0.1:{port}", "--max-requests", "40")
         assert small.returncode == 0, small.stderr

@@ -25,7 +25,8 @@ async def test_simulator_tags_check_and_read(tmp_path):
         assert "policy None, mode None" in res.stdout  # the endpoints offered, as comments
         tags = {t["name"]: t["node"] for t in parse(res.stdout)["devices"][0]["tags"]}
         assert tags == {f"{obj}_{n}": f"ns=2;s={obj}.{n}" for obj, names in
-                        (("Oven", ("Temperature", "Setpoint", "Running", "Parts", "State", "Broken", "Counter")),
+                        (("Oven", ("Temperature", "Setpoint", "Running", "Parts", "State", "Broken", "Counter", "Batches",
+                                   "Mode")),
                          ("Motor", ("Capture", "SampleRate"))) for n in names}
         assert "Float array 512" in res.stdout and "value now BadSensorFailure" in res.stdout
         # the waveform suggestion, filled in as the comment says

@@ -179,7 +179,7 @@ async def test_tls_with_a_wrong_ca_refuses_and_says_why(tls_broker):
 
 
 async def test_commands_get_replies(tmp_path, mosquitto, collector_factory):
-    async def handler(name, request):
+    async def handler(name, request, meta=None):
         if name == "ping":
             return {"ok": True, "pong": True}
         return {"ok": False, "error": "unknown command"}
@@ -210,7 +210,7 @@ async def test_commands_run_one_at_a_time_from_a_bounded_queue(tmp_path, mosquit
     release = asyncio.Event()
     ran: list[int] = []
 
-    async def handler(name, request):
+    async def handler(name, request, meta=None):
         if not ran:
             await release.wait()
         ran.append(request["id"])
@@ -272,7 +272,7 @@ class Requester:
 async def test_a_response_topic_is_honoured_only_below_the_gateways_cmd_prefix(tmp_path, mosquitto):
     from structlog.testing import capture_logs
 
-    async def handler(name, request):
+    async def handler(name, request, meta=None):
         return {"ok": True, "pong": True}
 
     buffer = Buffer(tmp_path / "b.db", "gw1")

@@ -80,8 +80,9 @@ async def test_a_format_drives_the_link(tmp_path, mosquitto, collector_factory):
     before = buffer.append([Record("data/p1", {"i": i}, time.time()) for i in range(4)])
     commands: list[tuple[str, dict]] = []
 
-    async def on_command(name, request):
+    async def on_command(name, request, meta):
         commands.append((name, request))
+        assert meta == {"upstream": "pairs"}
         return {"ok": True}
 
     devices = {"d1": False}
