@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import sqlite3
 import time
@@ -28,6 +29,7 @@ from gateway.health import DeviceHealth, LoopLag, Notifier
 from gateway.metrics import Exporter, MetricsError
 from gateway.model import Record, Sample, Waveform, iso_ts
 from gateway.upstream import Upstream
+from gateway.upstream_format import FormatUnavailable, create as create_format
 from rules.engine import RuleEngine
 
 log = logs.get("gateway.app")
@@ -55,11 +57,18 @@ class Pipeline:
         self.drivers = [driver_registry.create(d, context) for d in cfg.devices if d.enabled]
         self.commands = CommandRouter(cfg.commands, {d.config.name: d for d in self.drivers}, self._store,
                                       memory=app.request_memory)
-        self.upstream = Upstream(
-            cfg.upstream, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix,
-            client_id=cfg.client_id, started_at=started_at,
-            on_connected=self._on_connected, on_command=app.command,
-        )
+        # One Upstream per configured broker, each with its own link (cursor) in the buffer.
+        self.upstreams: list[Upstream] = []
+        for ucfg in cfg.all_upstreams:
+            fmt = create_format(ucfg, cfg, started_at=started_at)
+            self.upstreams.append(Upstream(
+                ucfg, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix_of(ucfg),
+                client_id=cfg.client_id_of(ucfg), started_at=started_at,
+                on_connected=functools.partial(self._on_connected, ucfg.name), on_command=app.command,
+                format=fmt, devices=None if fmt.name == "json" else self._device_states,
+            ))
+        buffer.set_links([(u.name, u.format.kinds) for u in self.upstreams])
+        self.upstream = self.upstreams[0]  # the one `health.upstream` and the metrics describe
         self.loop_lag = LoopLag()
         self._stop = asyncio.Event()
         self._final = True  # False when a reload retires this pipeline: the gateway stays online
@@ -69,30 +78,40 @@ class Pipeline:
     def device_health(self) -> dict[str, DeviceHealth]:
         return {d.config.name: d.health for d in self.drivers}
 
+    def _device_states(self) -> dict[str, bool]:
+        return {d.config.name: d.health.connected for d in self.drivers}
+
+    def wake(self) -> None:
+        for up in self.upstreams:
+            up.wake()
+
     def stop(self, *, final: bool = True) -> None:
         self._final = final
         self._stop.set()
 
     # ----- writing to the buffer -----
 
-    def _store(self, records: list[Record]) -> None:
+    def _store(self, records: list[Record], link: str | None = None) -> None:
         state = self.rules.take_state()
         if records or state:
             try:
-                seqs = self.buffer.append(records, state=state)  # a full disk is handled (and counted) in there
+                # a full disk is handled (and counted) in there
+                seqs = self.buffer.append(records, state=state, link=link)
             except (sqlite3.Error, OSError) as exc:  # anything else the file system says: never fatal
                 lost = self.buffer.count_lost(r.kind for r in records)
                 log.error("buffer.append_failed", error=f"{type(exc).__name__}: {exc}", lost=lost)
                 return
             self.rules.numbered(records, seqs)
-            self.upstream.wake()
+            self.wake()
 
-    def _on_connected(self) -> None:
-        """After each connect: the last state of every alarm again (marked `replay`), and a
-        health report at once (the one sent right after start may have found the broker not
-        yet connected)."""
-        self._store(self.rules.retained())
-        self.upstream.publish_direct("health", self.health_payload())
+    def _on_connected(self, name: str) -> None:
+        """After each connect of upstream `name`: the last state of every alarm again (marked
+        `replay`, owed to that upstream only), and a health report at once (the one sent right
+        after start may have found the broker not yet connected)."""
+        self._store(self.rules.retained(), link=name)
+        for up in self.upstreams:
+            if up.name == name:
+                up.publish_direct("health", self.health_payload())
 
     def rebirth(self) -> int:
         records = self.rules.retained()
@@ -106,7 +125,7 @@ class Pipeline:
             log.warning("analytics.problem", problem=problem)
         async with asyncio.TaskGroup() as tg:
             # Outputs first, inputs last (and the reverse on the way out).
-            upstream = tg.create_task(self.upstream.run(), name="upstream.loop")
+            upstreams = [tg.create_task(u.run(), name=f"upstream.{u.name}.loop") for u in self.upstreams]
             features = tg.create_task(self.features.run(), name="analytics.workers")
             process = tg.create_task(self._process(), name="pipeline.process")
             timers = [
@@ -124,8 +143,9 @@ class Pipeline:
             await features
             await retire(timers)
             self._store(self.analytics.flush_summaries(time.time()))
-            self.upstream.stop(final=self._final)
-            await upstream
+            for u in self.upstreams:
+                u.stop(final=self._final)
+            await asyncio.gather(*upstreams)
 
     async def _supervise(self, driver) -> None:
         """A driver should never return or raise; if it does, it is restarted, never the daemon."""
@@ -208,11 +228,11 @@ class Pipeline:
     async def _health_loop(self) -> None:
         while True:
             payload = self.health_payload()
-            self.upstream.publish_direct("health", payload)
-            self.app.notifier.status(
-                f"upstream {'connected' if self.upstream.connected else 'DISCONNECTED'}, "
-                f"buffer {payload['buffer']['depth']} rows, {len(self.drivers)} devices"
-            )
+            for up in self.upstreams:
+                up.publish_direct("health", payload)  # JSON upstreams only
+            links = ", ".join(f"{u.name} {'connected' if u.connected else 'DISCONNECTED'}" for u in self.upstreams) \
+                if len(self.upstreams) > 1 else f"upstream {'connected' if self.upstream.connected else 'DISCONNECTED'}"
+            self.app.notifier.status(f"{links}, buffer {payload['buffer']['depth']} rows, {len(self.drivers)} devices")
             await asyncio.sleep(self.cfg.upstream.health_interval)
 
     def health_payload(self) -> dict[str, Any]:
@@ -248,6 +268,7 @@ class Pipeline:
                 "connects": self.upstream.connects,
                 "last_error": self.upstream.last_error,
             },
+            "upstreams": {u.name: self._upstream_health(u) for u in self.upstreams},
             "queue": self.queue.qsize(),
             "analyses": self.analytics.stats(),
             "analytics": self.features.stats(),
@@ -257,7 +278,34 @@ class Pipeline:
         }
 
 
+    def _upstream_health(self, up: Upstream) -> dict[str, Any]:
+        oldest = self.buffer.oldest_ts(up.name)
+        return {
+            "connected": up.connected,
+            "format": up.format.name,
+            "broker": f"{up.cfg.host}:{up.cfg.port}",
+            "depth": self.buffer.link_depth(up.name),
+            "oldest_ts": iso_ts(oldest) if oldest else None,
+            "published": up.published,
+            "refused": up.refused,
+            "dropped": self.buffer.dropped_by_link[up.name],
+            "connects": up.connects,
+            "last_error": up.last_error,
+        }
+
+
 _DRAINED: Any = object()
+
+
+def format_problems(cfg: GatewayConfig) -> list[str]:
+    """Formats this build cannot run (e.g. `format: sparkplug` before its module is installed)."""
+    problems = []
+    for ucfg in cfg.all_upstreams:
+        try:
+            create_format(ucfg, cfg, started_at=time.time())
+        except FormatUnavailable as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _log_warnings(cfg: GatewayConfig) -> None:
@@ -299,6 +347,12 @@ class App:
                       hint="the previous configuration keeps running")
             self.notifier.ready("reload rejected: configuration invalid, previous one still running")
             return exc.problems
+        problems = format_problems(new)
+        if problems:
+            log.error("config.reload_rejected", file=self.config_path, problems=problems,
+                      hint="the previous configuration keeps running")
+            self.notifier.ready("reload rejected: an upstream format is not available, previous one still running")
+            return problems
         _log_warnings(new)
         self._pending = new
         self._reload.set()
@@ -350,6 +404,11 @@ class App:
             self.metrics.apply(self.cfg.metrics)
         except MetricsError as exc:
             log.error("metrics.listen_failed", error=str(exc), hint="nothing was started")
+            return 2
+        problems = format_problems(self.cfg)
+        if problems:
+            log.error("upstream.format_unavailable", problems=problems, hint="nothing was started")
+            self.metrics.close()
             return 2
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)

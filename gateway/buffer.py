@@ -5,6 +5,13 @@ persisted, never reused, not even after the file had to be replaced). A row leav
 the broker acknowledged it (`ack`). When `max_bytes` is reached the oldest rows of the lowest
 priority go first (data, then events, alarms last) and every eviction is counted.
 
+Several upstreams share the one file, each as a *link*: a bit in the row's `owed` mask, set at
+`append` for every link that takes the row's kind (the first segment of its topic). `ack(rows,
+link)` clears that link's bit and deletes the rows nobody is owed any more; a refusal defers a
+row for that link only (table `deferred`). One link down therefore holds back no other link.
+With one link (the usual case) every row is owed to it, and fetch and ack are today's plain
+queries.
+
 The cap covers the database and its WAL: the WAL is checkpointed (TRUNCATE) when it passes
 WAL_FRACTION of the cap, freed pages are reused, and the real page use is checked now and then
 beside the fast sum of row sizes. A full disk (SQLITE_FULL, ENOSPC) is not fatal: a reserve file
@@ -42,6 +49,37 @@ WAL_MAX = 1 << 20  # ... or than this
 RESERVE_SLACK = 64 * 1024  # the reserve file holds the WAL limit plus this (room to checkpoint and evict)
 SIZE_CHECK_EVERY = 1.0  # seconds between checks of the real page use against the cap
 FULL_ROUNDS = 8  # evict-and-retry rounds before a write that meets a full disk is given up
+MAX_LINKS = 62  # bits of `owed` (a signed 64-bit integer in SQLite)
+VALUES = "values"  # the row kind only links that name it take (per-tag values for Sparkplug)
+DEFAULT_LINK = "upstream"  # the one link of a buffer before links are set (and of an old file)
+KIND_SQL = "substr(topic, 1, instr(topic || '/', '/') - 1)"  # a row's kind, in SQL
+
+
+def _kinds_text(kinds: frozenset[str] | None) -> str:
+    return json.dumps(sorted(kinds) if kinds is not None else None)
+
+
+def row_kind(topic: str) -> str:
+    """The kind links choose rows by: the first segment of the topic (`alarms/high` -> `alarms`)."""
+    return topic.split("/", 1)[0]
+
+
+def takes(kinds: frozenset[str] | None, kind: str) -> bool:
+    """Does a link with `kinds` take rows of `kind`? None: every kind but VALUES."""
+    return kind != VALUES if kinds is None else kind in kinds
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One upstream's claim on the rows: its bit in `owed`, and the kinds it takes."""
+
+    name: str
+    bit: int
+    kinds: frozenset[str] | None = None
+
+    @property
+    def mask(self) -> int:
+        return 1 << self.bit
 
 
 @dataclass(slots=True)
@@ -57,7 +95,7 @@ class Row:
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS "outbox" ("seq" INTEGER PRIMARY KEY, "topic" TEXT, "payload" BLOB,
        "retain" INTEGER, "priority" INTEGER, "kind" TEXT, "ts" REAL, "size" INTEGER,
-       "not_before" REAL DEFAULT 0.0, "attempts" INTEGER DEFAULT 0)""",
+       "owed" INTEGER NOT NULL DEFAULT 1)""",
     'CREATE INDEX IF NOT EXISTS "idx_outbox_priority_seq" ON "outbox" ("priority", "seq")',
     'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
     'CREATE TABLE IF NOT EXISTS "state" ("key" TEXT PRIMARY KEY, "value" TEXT)',
@@ -137,6 +175,16 @@ class Buffer:
         self.dropped: Counter[str] = Counter()  # evictions since start, by kind
         self.appended = 0
         self.acked = 0
+        # Links: as set (or as found in the file), their depth (rows owed), the oldest ts owed
+        # (None: to be looked up), evictions each did not receive (since start).
+        self.links: list[Link] = [Link(DEFAULT_LINK, 0)]
+        self._by_name: dict[str, Link] = {DEFAULT_LINK: self.links[0]}
+        self._owed_of: dict[str, int] = {}  # kind -> owed mask, cached
+        self._link_depth: dict[int, int] = {0: 0}
+        self._link_bytes: dict[int, int] = {0: 0}  # bit -> size of the rows owed to it (as counted for the cap)
+        self._link_oldest: dict[int, float | None] = {}
+        self.dropped_by_link: Counter[str] = Counter()
+        self._deferred = 0  # rows in `deferred`: 0 keeps fetch and ack free of it
         self._conn: sqlite3.Connection | None = None
         self.readonly = readonly
         if readonly:
@@ -189,6 +237,13 @@ class Buffer:
             self._seq_reserved = 1 << 62  # never writes the side file
             self._bytes, self._depth = self.conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
             self._dropped_total = int(self._meta("dropped") or 0)
+            tables = self._tables()
+            if "links" in tables and "owed" in self._columns():
+                found = [Link(n, b) for n, b in self.conn.execute("SELECT name, bit FROM links ORDER BY bit")]
+                if found:
+                    self._use_links(found)
+            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0] if "deferred" in tables else 0
+            self._count_links()
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path} is not a readable buffer: {exc}") from None
 
@@ -202,10 +257,11 @@ class Buffer:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
             raise BufferError(f"integrity check failed: {ok}")
-        # Plain DDL, the schema sqlite-utils made before (files written by earlier versions are
-        # the same); sqlite-utils itself imported NumPy, 15 MB of RSS for a few CREATE TABLEs.
+        # Plain DDL (sqlite-utils imported NumPy, 15 MB of RSS for a few CREATE TABLEs). A file
+        # written before links has not_before/attempts instead of owed: _migrate_links updates it.
         for ddl in _SCHEMA:
             conn.execute(ddl)
+        self._migrate_links(conn)
         self._next_seq, reset = self._start_seq(moved_aside)
         if reset:
             # Persist the new start at once (meta and side file): a restart, and `buffer stats`,
@@ -219,6 +275,7 @@ class Buffer:
             self._seq_reserved = max(self._next_seq - 1, self._read_seq_file() or 0)
         self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
         self._dropped_total = int(self._meta("dropped") or 0)
+        self._count_links()
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // self._page_size)}")
         if not self._make_reserve():
@@ -273,6 +330,134 @@ class Buffer:
             os.fsync(f.fileno())
         os.replace(tmp, self._seq_file)
         self._seq_reserved = mark
+
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def _columns(self) -> set[str]:
+        return {r[1] for r in self.conn.execute("PRAGMA table_info(outbox)")}
+
+    def _migrate_links(self, conn: sqlite3.Connection) -> None:
+        """Tables for links, and a file written before them brought up to date: its rows owed to
+        the default link (the column default), its refusals moved to `deferred`."""
+        columns = self._columns()
+        with self._transaction():
+            if "owed" not in columns:
+                conn.execute("ALTER TABLE outbox ADD COLUMN owed INTEGER NOT NULL DEFAULT 1")
+            conn.execute("CREATE TABLE IF NOT EXISTS links (name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE,"
+                         " kinds TEXT)")
+            conn.execute("CREATE TABLE IF NOT EXISTS deferred (bit INTEGER NOT NULL, seq INTEGER NOT NULL,"
+                         " not_before REAL NOT NULL, attempts INTEGER NOT NULL, PRIMARY KEY (bit, seq))")
+            if "attempts" in columns:  # refusals counted by a version with one upstream
+                conn.execute("INSERT OR IGNORE INTO deferred SELECT 0, seq, not_before, attempts FROM outbox"
+                             " WHERE attempts>0")
+                conn.execute("UPDATE outbox SET attempts=0, not_before=0 WHERE attempts>0 OR not_before>0")
+        found = [Link(n, b) for n, b in conn.execute("SELECT name, bit FROM links ORDER BY bit")]
+        if found:
+            self._use_links(found)
+        self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
+
+    def _use_links(self, links: list[Link]) -> None:
+        self.links = links
+        self._by_name = {link.name: link for link in links}
+        self._owed_of = {}
+        self._link_oldest = {}
+
+    def set_links(self, wanted: list[tuple[str, frozenset[str] | None]]) -> None:
+        """The configured upstreams, in order, each with the kinds it takes (see `takes`).
+
+        A file that never had links set (new, or from a version with one upstream): its rows
+        are owed to every link that takes their kind. Otherwise links are matched by name; a new
+        one is owed what is written from now on, except that when exactly one known link is gone
+        and the first wanted one is new, the first takes over its rows (the one-upstream form's
+        default name `upstream` becoming a named first upstream loses nothing). A link that is
+        gone otherwise has its bit cleared; rows nobody is owed any more are deleted and counted
+        in the warning."""
+        if not wanted:
+            raise ValueError("at least one link")
+        if len(wanted) > MAX_LINKS or len({n for n, _ in wanted}) != len(wanted):
+            raise ValueError(f"link names must be unique, at most {MAX_LINKS}")
+        conn = self.conn
+        with self._transaction():
+            old = dict(conn.execute("SELECT name, bit FROM links"))
+            known_kinds = dict(conn.execute("SELECT name, kinds FROM links"))
+            fresh = not old
+            names = [n for n, _ in wanted]
+            gone = [n for n in old if n not in names]
+            if len(gone) == 1 and names[0] not in old:
+                was = gone.pop()
+                bit = old.pop(was)
+                conn.execute("UPDATE links SET name=? WHERE bit=?", (names[0], bit))
+                old[names[0]] = bit
+                known_kinds[names[0]] = known_kinds.pop(was, None)
+                log.info("buffer.link_renamed", upstream=names[0], bit=bit)
+            for name in gone:
+                bit = old.pop(name)
+                mask = 1 << bit
+                unsent = conn.execute("UPDATE outbox SET owed = owed & ~? WHERE owed & ?", (mask, mask)).rowcount
+                deleted = conn.execute("DELETE FROM outbox WHERE owed=0").rowcount
+                conn.execute("DELETE FROM deferred WHERE bit=?", (bit,))
+                conn.execute("DELETE FROM links WHERE bit=?", (bit,))
+                log.warning("buffer.link_removed", upstream=name, unsent=unsent, deleted=deleted,
+                            hint="this upstream is no longer configured: what it had not received is not kept for it")
+            used = set(old.values()) if not fresh else set()
+            for name in names:
+                if name not in old or fresh:
+                    bit = 0 if fresh and name == names[0] else min(set(range(MAX_LINKS)) - used)
+                    used.add(bit)
+                    conn.execute("INSERT OR REPLACE INTO links (name, bit) VALUES (?, ?)", (name, bit))
+                    old[name] = bit
+            links = [Link(name, old[name], kinds) for name, kinds in wanted]
+            # A link that kept its kinds needs no look at the rows (a restart of a large buffer
+            # stays quick); a fresh file, or kinds that changed, do.
+            changed = fresh or any(n in known_kinds and known_kinds[n] != _kinds_text(k) for n, k in wanted)
+            for name, kinds in wanted:
+                conn.execute("UPDATE links SET kinds=? WHERE name=?", (_kinds_text(kinds), name))
+            kinds_found = [k for k, in conn.execute(f"SELECT DISTINCT {KIND_SQL} FROM outbox")] if changed else []
+            for kind in kinds_found:
+                want = sum(link.mask for link in links if takes(link.kinds, kind))
+                if fresh:  # every row owed to each link taking it
+                    conn.execute(f"UPDATE outbox SET owed=? WHERE {KIND_SQL}=?", (want, kind))
+                else:  # a link keeps no claim on a kind it no longer takes
+                    conn.execute(f"UPDATE outbox SET owed = owed & ? WHERE {KIND_SQL}=? AND owed & ~?",
+                                 (want, kind, want))
+            dropped = conn.execute("DELETE FROM outbox WHERE owed=0").rowcount
+            if dropped:
+                log.warning("buffer.rows_unwanted", deleted=dropped, kinds=kinds_found,
+                            hint="no configured upstream takes these kinds")
+            masks = sum(link.mask for link in links)
+            conn.execute("DELETE FROM deferred WHERE NOT ((1 << bit) & ?)", (masks,))
+        self._use_links(links)
+        self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
+        self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
+        self._count_links()
+
+    def link(self, name: str | None = None) -> Link:
+        """A link by name; None: the first (the only one, with one upstream)."""
+        if name is None:
+            return self.links[0]
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise BufferError(f"no link {name!r} (links: {', '.join(self._by_name)})") from None
+
+    def _owed(self, kind: str) -> int:
+        mask = self._owed_of.get(kind)
+        if mask is None:
+            mask = self._owed_of[kind] = sum(link.mask for link in self.links if takes(link.kinds, kind))
+        return mask
+
+    def _count_links(self) -> None:
+        if len(self.links) == 1:
+            self._link_depth = {self.links[0].bit: self._depth}
+            self._link_bytes = {self.links[0].bit: self._bytes}
+        elif "owed" in self._columns():
+            self._link_depth, self._link_bytes = {}, {}
+            for link in self.links:
+                n, size = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE owed & ?",
+                                            (link.mask,)).fetchone()
+                self._link_depth[link.bit], self._link_bytes[link.bit] = n, size
+        self._link_oldest = {}
 
     def _meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -427,24 +612,40 @@ class Buffer:
 
     # ----- writing -----
 
-    def append(self, records: Iterable[Record], state: dict[str, Any] | None = None) -> list[int]:
-        """Write records (and rule state changes) in one transaction; return their seqs."""
+    def append(self, records: Iterable[Record], state: dict[str, Any] | None = None,
+               link: str | None = None) -> list[int]:
+        """Write records (and rule state changes) in one transaction; return their seqs, one per
+        record (0 for a record no link takes: not stored). `link`: owed to that link only (e.g.
+        the alarm replay after one upstream reconnected), else to every link taking its kind."""
         rows = []
+        seqs: list[int] = []
         seq = self._next_seq
+        owed_of = self._owed_of
+        only = self.link(link).mask if link is not None else -1
         for r in records:
+            kind = r.topic.split("/", 1)[0]
+            owed = owed_of.get(kind)
+            if owed is None:
+                owed = self._owed(kind)
+            owed &= only
+            if not owed:  # no upstream takes this kind: not stored, no seq used
+                seqs.append(0)
+                continue
             payload = encode(self.gateway_id, seq, r)
             size = len(payload) + len(r.topic) + ROW_OVERHEAD
-            rows.append((seq, r.topic, payload, int(r.retain), r.priority, r.kind, r.ts, size))
+            rows.append((seq, r.topic, payload, int(r.retain), r.priority, r.kind, r.ts, size, owed))
+            seqs.append(seq)
             seq += 1
         if not rows and not state:
-            return []
+            return seqs
         need = sum(r[7] for r in rows)
 
         def insert(conn: sqlite3.Connection) -> None:
             self._reserve_seq(seq - 1)
             if rows:
                 conn.executemany(
-                    "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size) VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT INTO outbox (seq, topic, payload, retain, priority, kind, ts, size, owed)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq - 1),))
@@ -465,6 +666,20 @@ class Buffer:
         self._bytes += need
         self._depth += len(rows)
         self.appended += len(rows)
+        if len(self.links) == 1:
+            self._link_depth[self.links[0].bit] += len(rows)
+            self._link_bytes[self.links[0].bit] += need
+        elif rows:
+            for link in self.links:
+                mask = link.mask
+                mine = [r[7] for r in rows if r[8] & mask]
+                self._link_depth[link.bit] += len(mine)
+                self._link_bytes[link.bit] += sum(mine)
+        if rows and self._link_oldest:
+            oldest = min(r[6] for r in rows)
+            for bit, known in list(self._link_oldest.items()):
+                if known is None or oldest < known:
+                    del self._link_oldest[bit]  # looked up again when asked
         self._check_size()
         cap = self._cap()
         if self._bytes > cap:
@@ -485,7 +700,7 @@ class Buffer:
                 and self._free_space() >= self.wal_limit + RESERVE_SLACK:
             self.disk_full = False
             log.info("buffer.disk_ok", path=str(self.path), bytes=self._bytes, file_bytes=self.file_bytes())
-        return [r[0] for r in rows]
+        return seqs
 
     def count_lost(self, kinds: Iterable[str]) -> dict[str, int]:
         """Records that never made it into the file: counted as dropped (persisted with the next eviction)."""
@@ -497,22 +712,28 @@ class Buffer:
     def _evict(self, target: int) -> Counter[str]:
         """Drop oldest rows of the lowest priority until row bytes are at most `target`; count each."""
         dropped: Counter[str] = Counter()
+        by_owed: Counter[int] = Counter()  # evicted rows by owed mask: per link, what it never got
+        bytes_owed: Counter[int] = Counter()
         with self._transaction() as conn:
             left = self._bytes
             while left > target:
                 batch = conn.execute(
-                    "SELECT seq, size, kind FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
+                    "SELECT seq, size, kind, owed FROM outbox ORDER BY priority ASC, seq ASC LIMIT 1000"
                 ).fetchall()
                 if not batch:
                     break
                 cut = []
-                for seq, size, kind in batch:
+                for seq, size, kind, owed in batch:
                     cut.append((seq,))
                     left -= size
                     dropped[kind] += 1
+                    by_owed[owed] += 1
+                    bytes_owed[owed] += size
                     if left <= target:
                         break
                 conn.executemany("DELETE FROM outbox WHERE seq=?", cut)
+                if self._deferred:
+                    conn.executemany("DELETE FROM deferred WHERE seq=?", cut)
             total = self._dropped_total + sum(dropped.values())
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (str(total),))
         # only now: a transaction that failed (full disk) changed nothing
@@ -520,6 +741,15 @@ class Buffer:
         self._depth -= sum(dropped.values())
         self._dropped_total = total
         self.dropped.update(dropped)
+        for link in self.links:
+            n = sum(count for owed, count in by_owed.items() if owed & link.mask)
+            if n:
+                self._link_depth[link.bit] -= n
+                self._link_bytes[link.bit] -= sum(size for owed, size in bytes_owed.items() if owed & link.mask)
+                self.dropped_by_link[link.name] += n
+                self._link_oldest.pop(link.bit, None)
+        if self._deferred:
+            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
         return dropped
 
     # ----- forwarding -----
@@ -537,66 +767,121 @@ class Buffer:
         return wall + (self._clock.monotonic() - mono)
 
     def _release_deferred(self) -> None:
-        if self.conn.execute("SELECT 1 FROM outbox WHERE not_before>0 LIMIT 1").fetchone():
-            self._write(lambda conn: conn.execute("UPDATE outbox SET not_before=0 WHERE not_before>0"))
+        if self._deferred:
+            self._write(lambda conn: conn.execute("UPDATE deferred SET not_before=0 WHERE not_before>0"))
 
-    def fetch(self, after: dict[int, int], limit: int, now: float | None = None) -> list[Row]:
-        """Rows due for sending, highest priority first, each priority in seq order after `after[p]`.
-        `now` is on the buffer's clock (default `now()`)."""
-        now = self.now() if now is None else now
+    def fetch(self, after: dict[int, int], limit: int, now: float | None = None, link: str | None = None) -> list[Row]:
+        """Rows due for sending over `link` (default: the first), highest priority first, each
+        priority in seq order after `after[p]`. `now` is on the buffer's clock (default `now()`)."""
+        lk = self.link(link)
+        sql = "SELECT seq, topic, payload, retain, priority, size FROM outbox WHERE priority=? AND seq>?"
+        extra: tuple = ()
+        if len(self.links) > 1:
+            sql += " AND owed & ?"
+            extra = (lk.mask,)
+        if self._deferred:
+            now = self.now() if now is None else now
+            sql += " AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.bit=? AND d.seq=outbox.seq AND d.not_before>?)"
+            extra += (lk.bit, now)
+        sql += " ORDER BY seq LIMIT ?"
         out: list[Row] = []
         for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):
             if len(out) >= limit:
                 break
-            cur = self.conn.execute(
-                "SELECT seq, topic, payload, retain, priority, size FROM outbox"
-                " WHERE priority=? AND seq>? AND not_before<=? ORDER BY seq LIMIT ?",
-                (priority, after.get(priority, 0), now, limit - len(out)),
-            )
+            cur = self.conn.execute(sql, (priority, after.get(priority, 0), *extra, limit - len(out)))
             out.extend(Row(s, t, p, bool(r), pr, sz) for s, t, p, r, pr, sz in cur)
         return out
 
-    def ack(self, rows: list[Row]) -> None:
-        """The broker has the rows: delete them."""
+    def ack(self, rows: list[Row], link: str | None = None) -> None:
+        """The broker of `link` (default: the first) has the rows: clear its bit, and delete the
+        rows no other link is owed (with one link: delete them)."""
         if not rows:
             return
-        deleted = 0
+        lk = self.link(link)
+        single = len(self.links) == 1
+        cleared = 0  # rows this link was owed and no longer is
+        cleared_bytes = 0
+        freed: list[int] | None = None  # sizes of the rows deleted (None: all of `rows`, when single)
 
         def delete(conn: sqlite3.Connection) -> None:
-            nonlocal deleted
-            deleted = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
+            nonlocal cleared, freed, cleared_bytes
+            if single:
+                cleared = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
+                freed = None
+            else:
+                mask, gone, kept, freed = lk.mask, [], [], []
+                for i in range(0, len(rows), 500):
+                    part = [r.seq for r in rows[i:i + 500]]
+                    for seq, size, owed in conn.execute(
+                            f"SELECT seq, size, owed FROM outbox WHERE seq IN ({','.join('?' * len(part))})"
+                            " AND owed & ?", (*part, mask)):
+                        cleared_bytes += size
+                        if owed == mask:
+                            gone.append((seq,))
+                            freed.append(size)
+                        else:
+                            kept.append((owed & ~mask, seq))
+                conn.executemany("DELETE FROM outbox WHERE seq=?", gone)
+                conn.executemany("UPDATE outbox SET owed=? WHERE seq=?", kept)
+                cleared = len(gone) + len(kept)
+            if self._deferred:
+                conn.executemany("DELETE FROM deferred WHERE bit=? AND seq=?", [(lk.bit, r.seq) for r in rows])
 
         if not self._write(delete):
             return  # the disk is full: the rows stay and are sent again (at least once)
         conn = self.conn
-        # Rows evicted while in flight are gone already: account only what this call removed.
-        if deleted == len(rows):
-            self._bytes -= sum(r.size for r in rows)
-            self._depth -= deleted
+        if single:
+            # Rows evicted while in flight are gone already: account only what this call removed.
+            if cleared == len(rows):
+                self._bytes -= sum(r.size for r in rows)
+                self._depth -= cleared
+            else:
+                self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
+            deleted = cleared
         else:
-            self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
+            self._bytes -= sum(freed or ())
+            self._depth -= len(freed or ())
+            deleted = len(freed or ())
+        self._link_depth[lk.bit] -= cleared
+        self._link_bytes[lk.bit] = self._bytes if single else self._link_bytes[lk.bit] - cleared_bytes
+        self._link_oldest.pop(lk.bit, None)
+        if self._deferred:
+            self._deferred = conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
         self.acked += deleted
         if self.full and self._bytes <= int(self._cap() * 0.9):
             self.full = False
             log.info("buffer.not_full", evicted=dict(self._episode), bytes=self._bytes, max_bytes=self.max_bytes)
             self._episode.clear()
 
-    def defer(self, rows: list[Row], delay: float) -> None:
-        """The broker refused the rows: keep them, try again after `delay` seconds."""
-        if rows:
-            self._write(lambda conn: conn.executemany(
-                "UPDATE outbox SET not_before=?, attempts=attempts+1 WHERE seq=?",
-                [(self.now() + delay, r.seq) for r in rows],
-            ))
+    def defer(self, rows: list[Row], delay: float, link: str | None = None) -> None:
+        """The broker of `link` refused the rows: keep them, try that link again after `delay`
+        seconds (other links are not held back)."""
+        if not rows:
+            return
+        bit, due = self.link(link).bit, self.now() + delay
+        if self._write(lambda conn: conn.executemany(
+                "INSERT INTO deferred (bit, seq, not_before, attempts) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (bit, seq) DO UPDATE SET not_before=excluded.not_before, attempts=attempts+1",
+                [(bit, r.seq, due) for r in rows])):
+            self._deferred = self.conn.execute("SELECT COUNT(*) FROM deferred").fetchone()[0]
 
-    def next_due(self) -> float | None:
-        """When (on the buffer's clock, `now()`) the earliest deferred row becomes due again
-        (None if none is deferred)."""
-        row = self.conn.execute("SELECT MIN(not_before) FROM outbox WHERE not_before>0").fetchone()
+    def next_due(self, link: str | None = None) -> float | None:
+        """When (on the buffer's clock, `now()`) the earliest row deferred for `link` becomes due
+        again (None if none is deferred)."""
+        if not self._deferred:
+            return None
+        row = self.conn.execute("SELECT MIN(not_before) FROM deferred WHERE bit=? AND not_before>0",
+                                (self.link(link).bit,)).fetchone()
         return row[0] if row and row[0] else None
 
-    def refused_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM outbox WHERE attempts>0").fetchone()[0]
+    def refused_count(self, link: str | None = None) -> int:
+        """Rows a broker refused at least once, still waiting: for `link`, or (no link given)
+        for any link."""
+        if not self._deferred:
+            return 0
+        if link is None:
+            return self.conn.execute("SELECT COUNT(DISTINCT seq) FROM deferred").fetchone()[0]
+        return self.conn.execute("SELECT COUNT(*) FROM deferred WHERE bit=?", (self.link(link).bit,)).fetchone()[0]
 
     # ----- rule state (written with the records in `append`) -----
 
@@ -621,8 +906,32 @@ class Buffer:
     def dropped_total(self) -> int:
         return self._dropped_total
 
-    def oldest_ts(self) -> float | None:
-        return self.conn.execute("SELECT MIN(ts) FROM outbox").fetchone()[0]
+    def oldest_ts(self, link: str | None = None) -> float | None:
+        """The measurement time of the oldest row waiting (for `link`: owed to it)."""
+        if link is None or len(self.links) == 1:
+            return self.conn.execute("SELECT MIN(ts) FROM outbox").fetchone()[0]
+        lk = self.link(link)
+        if lk.bit not in self._link_oldest:  # kept until an ack or an eviction for it, or an older row
+            self._link_oldest[lk.bit] = self.conn.execute("SELECT MIN(ts) FROM outbox WHERE owed & ?",
+                                                          (lk.mask,)).fetchone()[0]
+        return self._link_oldest[lk.bit]
+
+    def link_depth(self, link: str | None = None) -> int:
+        """Rows owed to `link` (default: the first)."""
+        return self._link_depth.get(self.link(link).bit, 0)
+
+    def link_bytes(self, link: str | None = None) -> int:
+        """The size of the rows owed to `link` (default: the first), as counted for the cap."""
+        return self._link_bytes.get(self.link(link).bit, 0)
+
+    def by_upstream(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for lk in self.links:
+            oldest = self.oldest_ts(lk.name)
+            out[lk.name] = {"depth": self.link_depth(lk.name), "bytes": self.link_bytes(lk.name), "oldest_ts": iso_ts(oldest) if oldest else None,
+                            "oldest_age_s": round(time.time() - oldest, 3) if oldest else None,
+                            "refused": self.refused_count(lk.name), "dropped": self.dropped_by_link[lk.name]}
+        return out
 
     def stats(self) -> dict[str, Any]:
         oldest = self.oldest_ts()
@@ -641,14 +950,20 @@ class Buffer:
             "next_seq": self._next_seq,
             "dropped": self._dropped_total,
             "alarm_states": self.conn.execute("SELECT COUNT(*) FROM state").fetchone()[0],
+            "by_upstream": self.by_upstream(),
         }
 
     def dump(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
-        sql = "SELECT seq, topic, retain, kind, attempts, payload FROM outbox ORDER BY priority DESC, seq"
+        if "deferred" in self._tables():
+            attempts = "(SELECT COALESCE(MAX(attempts), 0) FROM deferred d WHERE d.seq=outbox.seq)"
+        else:  # a file no version with links has opened yet
+            attempts = "attempts"
+        owed = "owed" if "owed" in self._columns() else "1"
+        sql = f"SELECT seq, topic, retain, kind, {attempts}, {owed}, payload FROM outbox ORDER BY priority DESC, seq"
         params: tuple = ()
         if limit is not None:
             sql += " LIMIT ?"
             params = (limit,)
-        for seq, topic, retain, kind, attempts, payload in self.conn.execute(sql, params):
-            yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": attempts,
-                   "payload": json.loads(payload)}
+        for seq, topic, retain, kind, tries, mask, payload in self.conn.execute(sql, params):
+            yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": tries,
+                   "owed": [lk.name for lk in self.links if mask & lk.mask], "payload": json.loads(payload)}

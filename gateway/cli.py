@@ -69,8 +69,14 @@ def config_summary(cfg: GatewayConfig) -> str:
     lines = [f"gateway {cfg.gateway.id}: configuration is valid"]
     if cfg.files:
         lines.append(f"  files     {', '.join(cfg.files)}")
-    lines.append(f"  upstream  mqtt{'s' if cfg.upstream.tls.enabled else ''}://{cfg.upstream.host}:{cfg.upstream.port}"
-                 f" (MQTT {cfg.upstream.protocol}), topics under {cfg.topic_prefix}/")
+    for up in cfg.all_upstreams:
+        where = f"mqtt{'s' if up.tls.enabled else ''}://{up.host}:{up.port} (MQTT {up.protocol})"
+        if up.format == "sparkplug":
+            what = f"sparkplug, group {up.group_id}" + (f", primary host {up.primary_host_id}" if up.primary_host_id else "")
+        else:
+            what = f"json, topics under {cfg.topic_prefix_of(up)}/"
+        label = "upstream" if len(cfg.all_upstreams) == 1 else "upstream " + up.name
+        lines.append(f"  {label:<8}  {where}, {what}, client id {cfg.client_id_of(up)}")
     lines.append(f"  buffer    {cfg.buffer_path} (max {cfg.buffer.max_bytes / 2**20:.0f} MiB, {cfg.buffer.durability})")
     lines.append(f"  devices   {len(cfg.devices)}")
     for d in cfg.devices:
@@ -128,9 +134,14 @@ def cmd_buffer(args) -> int:
             if args.json:
                 print(json.dumps(stats, indent=2))
             else:
+                per_upstream = stats.pop("by_upstream", {})
                 width = max(len(k) for k in stats)
                 for key, value in stats.items():
                     print(f"{key:<{width}}  {value}")
+                for name, link in per_upstream.items():  # each upstream's own backlog
+                    print(f"{'upstream ' + name:<{width}}  depth {link['depth']}, oldest {link['oldest_ts'] or '-'}"
+                          f" (age {link['oldest_age_s'] if link['oldest_age_s'] is not None else '-'} s),"
+                          f" refused {link['refused']}")
         else:
             for row in buf.dump(args.limit):
                 print(json.dumps(row, separators=(",", ":")))

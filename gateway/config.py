@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 import drivers
@@ -51,6 +51,10 @@ class GatewaySection(StrictModel):
 
 
 class UpstreamConfig(BrokerConfig):
+    name: Name = Field("upstream", description="names this upstream in health, logs and the buffer's delivery cursors; unique")
+    format: Literal["json", "sparkplug"] = Field("json", description="json: the gateway's own topics below topic_prefix; sparkplug: Sparkplug B 3.0 edge node")
+    group_id: str | None = Field(None, description="Sparkplug group id (required with format: sparkplug)")
+    primary_host_id: str | None = Field(None, description="Sparkplug primary host application: data waits while its STATE is offline")
     topic_prefix: str = Field("edge/{gateway_id}", description="start of every topic; {gateway_id} is replaced")
     max_inflight: int = Field(100, ge=1, le=65535, description="QoS 1 messages on the wire awaiting PUBACK")
     health_interval: Duration = Field(10.0, gt=0, description="period of the health topic")
@@ -82,7 +86,8 @@ class GatewayConfig(BaseSettings):
     )
 
     gateway: GatewaySection
-    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="the one upstream broker (or use upstreams:)")
+    upstreams: list[UpstreamConfig] = Field(default_factory=list, description="several upstream brokers, each with its own delivery cursor; not with upstream:")
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     devices: list[_device_union()] = Field(default_factory=list)  # type: ignore[valid-type]
     summaries: SummariesConfig = Field(default_factory=SummariesConfig)
@@ -92,6 +97,30 @@ class GatewayConfig(BaseSettings):
     metrics: MetricsConfig | None = Field(None, description="Prometheus /metrics; off when absent")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="cmd/write and cmd/call (write-back); off by default")
     _located: Located = PrivateAttr(default_factory=Located)  # the files it was read from, lines, warnings
+
+    @model_validator(mode="after")
+    def _first_upstream(self) -> "GatewayConfig":
+        # `upstream` stays the first one, so code and settings that know one upstream keep working.
+        if self.upstreams:
+            if "upstream" in self.model_fields_set:
+                raise ValueError("give upstream or upstreams, not both")
+            self.upstream = self.upstreams[0]
+        return self
+
+    @property
+    def all_upstreams(self) -> list[UpstreamConfig]:
+        return list(self.upstreams) or [self.upstream]
+
+    def client_id_of(self, upstream: UpstreamConfig) -> str:
+        """The first upstream is the gateway id (as with one upstream); others add their name, so
+        two links to one broker do not take each other's session."""
+        if upstream.client_id:
+            return upstream.client_id
+        first = self.all_upstreams[0]
+        return self.gateway.id if upstream is first else f"{self.gateway.id}-{upstream.name}"
+
+    def topic_prefix_of(self, upstream: UpstreamConfig) -> str:
+        return upstream.topic_prefix.replace("{gateway_id}", self.gateway.id).rstrip("/")
 
     @property
     def files(self) -> list[str]:
@@ -129,7 +158,7 @@ class GatewayConfig(BaseSettings):
 
     @property
     def client_id(self) -> str:
-        return self.upstream.client_id or self.gateway.id
+        return self.client_id_of(self.upstream)
 
     @property
     def buffer_path(self) -> Path:
@@ -356,6 +385,15 @@ def _cross_check(cfg: GatewayConfig) -> list[tuple[Path_, str]]:
                 problems.append(((section, i, "name"), f"duplicate name {item.name!r}"))
             seen.add(item.name)
 
+    unique("upstreams", cfg.upstreams)
+    for i, up in enumerate(cfg.upstreams or [cfg.upstream]):
+        at = ("upstreams", i) if cfg.upstreams else ("upstream",)
+        if up.format == "sparkplug" and not up.group_id:
+            problems.append((at + ("group_id",), "required with format: sparkplug"))
+        for key in ("group_id", "primary_host_id"):
+            value = getattr(up, key)
+            if value is not None and (not value or any(c in value for c in "/+#")):
+                problems.append((at + (key,), f"{value!r}: must be non-empty without / + #"))
     unique("devices", cfg.devices)
     unique("analyses", cfg.analyses)
     unique("rules", cfg.rules)
@@ -385,6 +423,8 @@ def load(path: str | Path) -> GatewayConfig:
     if problems:
         raise ConfigError(problems)
     main = str(path)
+    if "upstream" in located.data and "upstreams" in located.data:
+        raise ConfigError([f"{_origin(located, ('upstreams',), main)}: upstreams: give upstream or upstreams, not both"])
     try:
         cfg = GatewayConfig(**located.data)
     except ValidationError as exc:

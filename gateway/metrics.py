@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logs.get("gateway.metrics")
 
 SCRAPE_TIMEOUT = 3.0  # seconds a scrape waits for the event loop to hand over the values
-UPSTREAM = "default"  # the `upstream` label of today's single upstream; named upstreams add more
+UPSTREAM = "default"  # the `upstream` label with one upstream; with several, each is labelled by its name
 _LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Za-z:.%]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
 
 
@@ -154,11 +154,11 @@ DEVICE = [
     ("gauge", "edge_gateway_device_poll_latency_seconds", "round trip of the last successful exchange", lambda h: h.latency_ms / 1000 if h.latency_ms is not None else None),
     ("gauge", "edge_gateway_device_last_ok_timestamp_seconds", "wall time of the last successful exchange", lambda h: h.last_ok),
 ]
-BUFFER = [
-    ("gauge", "edge_gateway_buffer_depth", "records waiting to be forwarded", lambda b, now: b.depth),
-    ("gauge", "edge_gateway_buffer_bytes", "bytes of the records waiting", lambda b, now: b.bytes),
-    ("gauge", "edge_gateway_buffer_oldest_age_seconds", "age of the oldest record waiting (0 when empty)", lambda b, now: max(0.0, now - oldest) if (oldest := b.oldest_ts()) else 0.0),
-    ("gauge", "edge_gateway_buffer_refused_records", "records the broker refused, waiting to be tried again", lambda b, now: b.refused_count()),
+BUFFER = [  # per upstream: f(buffer, link name, now)
+    ("gauge", "edge_gateway_buffer_depth", "records waiting to be forwarded", lambda b, link, now: b.link_depth(link)),
+    ("gauge", "edge_gateway_buffer_bytes", "bytes of the records waiting", lambda b, link, now: b.link_bytes(link)),
+    ("gauge", "edge_gateway_buffer_oldest_age_seconds", "age of the oldest record waiting (0 when empty)", lambda b, link, now: max(0.0, now - oldest) if (oldest := b.oldest_ts(link)) else 0.0),
+    ("gauge", "edge_gateway_buffer_refused_records", "records the broker refused, waiting to be tried again", lambda b, link, now: b.refused_count(link)),
 ]
 UPSTREAM_LINK = [
     ("gauge", "edge_gateway_upstream_connected", "1 while connected to the broker", lambda u: int(u.connected)),
@@ -198,8 +198,11 @@ def families(app: App) -> list:
     devices = p.device_health
     stats = p.analytics.stats()
     out += [_family(k, n, d, ["device"], [([name], f(h)) for name, h in devices.items()]) for k, n, d, f in DEVICE]
-    out += [_family(k, n, d, ["upstream"], [([UPSTREAM], f(p.buffer, now))]) for k, n, d, f in BUFFER]
-    out += [_family(k, n, d, ["upstream"], [([UPSTREAM], f(p.upstream))]) for k, n, d, f in UPSTREAM_LINK]
+    # One upstream keeps the label `default`; several are labelled by name, each with its own backlog.
+    ups = [(UPSTREAM if len(p.upstreams) == 1 else u.name, u) for u in p.upstreams]
+    out += [_family(k, n, d, ["upstream"], [([label], f(p.buffer, u.name, now)) for label, u in ups])
+            for k, n, d, f in BUFFER]
+    out += [_family(k, n, d, ["upstream"], [([label], f(u)) for label, u in ups]) for k, n, d, f in UPSTREAM_LINK]
     out += [_family(k, n, d, ["analysis"], [([name], f(s)) for name, s in stats.items()]) for k, n, d, f in ANALYSIS]
     rules = p.rules.health()
     out += [
