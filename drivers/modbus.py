@@ -547,14 +547,7 @@ class SerialBus:
 
     async def exchange(self, read: Reader) -> Any:
         async with self.lock:
-            if not self.client.connected:
-                raise DeviceDisconnected(f"{self.settings.port} is closed")
-            try:
-                return await read(self.client)
-            finally:
-                self.requests += 1
-                # The line must stay silent for t3.5 before the next frame, whoever sends it.
-                await asyncio.sleep(self.gap)
+            return await self._on_line(read)
 
     async def exchange_within(self, op: Reader, wait: float) -> Any:
         """A write's exchange: it takes its turn on the line like a poll (the lock is first come,
@@ -565,15 +558,20 @@ class SerialBus:
         except TimeoutError:
             raise BusBusy(f"{self.settings.port} was busy for {wait:g}s; nothing was sent") from None
         try:
-            if not self.client.connected:
-                raise DeviceDisconnected(f"{self.settings.port} is closed")
-            try:
-                return await op(self.client)
-            finally:
-                self.requests += 1
-                await asyncio.sleep(self.gap)
+            return await self._on_line(op)
         finally:
             self.lock.release()
+
+    async def _on_line(self, op: Reader) -> Any:
+        """One exchange, the lock held."""
+        if not self.client.connected:
+            raise DeviceDisconnected(f"{self.settings.port} is closed")
+        try:
+            return await op(self.client)
+        finally:
+            self.requests += 1
+            # The line must stay silent for t3.5 before the next frame, whoever sends it.
+            await asyncio.sleep(self.gap)
 
     @property
     def connected(self) -> bool:

@@ -890,21 +890,11 @@ class Buffer:
 
     # ----- inspection -----
 
-    @property
-    def depth(self) -> int:
-        return self._depth
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    @property
-    def dropped_total(self) -> int:
-        return self._dropped_total
+    # Read-only views of counters that the writing methods keep in step.
+    depth = property(lambda self: self._depth, doc="rows waiting for at least one upstream")
+    bytes = property(lambda self: self._bytes, doc="their size, as counted for the cap")
+    next_seq = property(lambda self: self._next_seq, doc="the seq the next record gets")
+    dropped_total = property(lambda self: self._dropped_total, doc="records evicted or lost, ever (persisted)")
 
     def oldest_ts(self, link: str | None = None) -> float | None:
         """The measurement time of the oldest row waiting (for `link`: owed to it)."""
