@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 
@@ -16,15 +15,7 @@ from drivers.sim.opcua import OpcUaSimulator
 from gateway.commands import CommandRouter, CommandsConfig
 from gateway.health import DeviceHealth
 from tests.conftest import free_port
-
-
-async def until(predicate, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(step)
-    return bool(predicate())
+from tests.integration.conftest import until  # noqa: F401 - the write tests' polling helper
 
 
 @contextlib.asynccontextmanager
