@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gateway.backoff import Backoff
 from gateway.health import DeviceHealth
-from gateway.model import Sample, Waveform, source_of
+from gateway.model import Sample, TagReport, Waveform, source_of
 from pydantic import model_validator
 
 from gateway.schema import Duration, Name, StrictModel
@@ -53,6 +53,23 @@ class DeviceConfig(StrictModel):
     def waveform_tags(self) -> set[str]:
         """Tags that produce Waveform blocks rather than scalar Samples."""
         return set()
+
+    def reporting(self) -> dict[str, TagReport]:
+        """Each scalar tag's report-by-exception settings (waveform tags have none)."""
+        waves = self.waveform_tags()
+        return {name: TagReport(self.value_type(t), self.report_deadband(t), getattr(t, "max_silence", None))
+                for name, t in self.tag_models() if name not in waves}
+
+    def tag_models(self) -> list[tuple[str, Any]]:
+        """(tag name, tag model) of every tag."""
+        return [(t.name, t) for t in getattr(self, "tags", [])]
+
+    def value_type(self, tag: Any) -> str:
+        """The type of the tag's values as TagReport names it; drivers that know it say so."""
+        return "float64"
+
+    def report_deadband(self, tag: Any) -> float:
+        return float(getattr(tag, "deadband", 0.0) or 0.0)
 
     def summary(self) -> str:
         """One line of what check-config shows besides the tags ("" for nothing more)."""

@@ -27,7 +27,7 @@ from gateway.backoff import is_nearby, refused_nearby
 from gateway.health import DeviceHealth
 from gateway.lazy import lazy
 from gateway.model import Quality, Sample, WriteFailed, WriteRefused, source_of
-from gateway.schema import Duration, Name, StrictModel, WritePermission
+from gateway.schema import Duration, Name, Reported, StrictModel, WritePermission
 
 # Imported by the first connection, not by config validation (see gateway.lazy).
 pymodbus = lazy("pymodbus")
@@ -66,7 +66,7 @@ class BusBusy(DriverError):
     """A write found no turn on its serial line within the device's timeout; nothing was sent."""
 
 
-class ModbusTag(WritePermission):
+class ModbusTag(WritePermission, Reported):
     name: Name
     table: Table = "holding"
     address: int = Field(ge=0, le=65535)  # zero-based, as on the wire
@@ -198,6 +198,9 @@ class ModbusConfig(DeviceConfig):
             if tag.width > limit:
                 raise ValueError(f"tag {tag.name} is wider than one request ({limit})")
         return self
+
+    def value_type(self, tag: ModbusTag) -> str:
+        return tag.type if tag.scale == 1.0 and tag.offset == 0.0 else "float64"
 
     def summary(self) -> str:
         requests = len(plan_reads(self.tags, max_gap=self.max_gap, max_bit_gap=self.max_bit_gap,

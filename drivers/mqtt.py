@@ -32,7 +32,7 @@ from gateway.health import DeviceHealth
 from gateway.lazy import lazy
 from gateway.model import Quality, Sample, Waveform, source_of
 from gateway.mqttclient import Inbox, Session, SessionError
-from gateway.schema import BrokerConfig, Duration, Name, StrictModel
+from gateway.schema import BrokerConfig, Duration, Name, Reported, StrictModel
 
 # NumPy only for waveform payloads, imported with the first one (see gateway.lazy).
 np = lazy("numpy")
@@ -52,7 +52,7 @@ class PayloadError(DriverError):
     """A payload that cannot be turned into a value: malformed, NaN, wrong length."""
 
 
-class MqttSubscription(StrictModel):
+class MqttSubscription(Reported):
     topic: str = Field(min_length=1)  # MQTT filter, + and # allowed
     tag: Name
     format: Format = "json"
@@ -127,6 +127,9 @@ class MqttConfig(DeviceConfig, BrokerConfig):
 
     def waveform_tags(self) -> set[str]:
         return {s.tag for s in self.subscriptions if s.waveform}
+
+    def tag_models(self) -> list[tuple[str, Any]]:
+        return [(s.tag, s) for s in self.subscriptions]
 
 
 # ---------------------------------------------------------------------------------------------

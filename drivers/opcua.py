@@ -106,6 +106,8 @@ class OpcUaTag(WritePermission):
     sampling_interval: Duration | None = None  # subscribe mode; default: the device's
     deadband: float | None = Field(None, ge=0)  # subscribe mode; absolute unless deadband_type percent
     deadband_type: Literal["absolute", "percent"] = "absolute"
+    max_silence: Duration | None = Field(None, gt=0, description="sparkplug: send the value at least this often, "
+                                                                 "changed or not")
     # Waveform tags: the node holds a 1-D Float/Double/Int16/Int32 array sampled at this rate (Hz),
     # or at the rate held by `sample_rate_node`.
     sample_rate: float | None = Field(None, gt=0)
@@ -214,6 +216,11 @@ class OpcUaConfig(DeviceConfig):
 
     def waveform_tags(self) -> set[str]:
         return {t.name for t in self.tags if t.waveform}
+
+    def report_deadband(self, tag: OpcUaTag) -> float:
+        """An absolute `deadband` filters at the server and again before a Sparkplug upstream; a
+        percent one only at the server (its range is the server's)."""
+        return float(tag.deadband or 0.0) if tag.deadband_type == "absolute" else 0.0
 
     def resolved_password(self) -> str | None:
         return self.password if self.password is not None else read_secret(self.password_file)

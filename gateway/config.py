@@ -24,7 +24,7 @@ from drivers.registry import REGISTRY as DRIVER_REGISTRY
 from gateway.analytics.config import AnalysisConfig, AnalyticsConfig, SummariesConfig
 from gateway.commands import CommandsConfig
 from gateway.metrics import MetricsConfig
-from gateway.model import source_of
+from gateway.model import TagReport, source_of
 from gateway.schema import BrokerConfig, ByteSize, Duration, Name, StrictModel, tagged_union
 from rules.registry import REGISTRY as RULE_REGISTRY
 
@@ -166,6 +166,10 @@ class GatewayConfig(BaseSettings):
 
     def tag_units(self) -> dict[str, str | None]:
         return {source_of(d.name, tag): unit for d in self.devices for tag, unit in d.tag_units().items()}
+
+    def report_policy(self) -> dict[str, TagReport]:
+        """How each scalar tag (`device.tag`) is reported by exception (Sparkplug)."""
+        return {source_of(d.name, tag): r for d in self.devices for tag, r in d.reporting().items()}
 
     def device_tags(self) -> dict[str, list[str]]:
         return {d.name: d.tag_names() for d in self.devices}

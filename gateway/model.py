@@ -126,6 +126,17 @@ class Record:
             self.priority = PRIORITY.get(self.kind, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class TagReport:
+    """How a scalar tag is reported by exception (Sparkplug): its value type, one of the driver
+    type names (bool, int16, uint16, int32, uint32, int64, uint64, float32, float64, string), its
+    deadband (0: any change) and max_silence (None: only on change)."""
+
+    type: str = "float64"
+    deadband: float = 0.0
+    max_silence: float | None = None
+
+
 class Clock(Protocol):
     """Where time comes from: the `time` module itself, or a test's fake clock.
 

@@ -130,6 +130,15 @@ class BrokerConfig(StrictModel):
         return self.password if self.password is not None else read_secret(self.password_file)
 
 
+class Reported(StrictModel):
+    """Report by exception (Sparkplug upstreams): when a scalar tag's value goes upstream."""
+
+    deadband: float = Field(0.0, ge=0, description="sparkplug: a number is sent when it moves more than this from the "
+                                                  "value last sent (absolute, engineering units); 0: any change")
+    max_silence: Duration | None = Field(None, gt=0, description="sparkplug: send the value at least this often, "
+                                                                 "changed or not")
+
+
 WriteValue = bool | int | float | str
 
 
