@@ -22,12 +22,13 @@ from gateway import __version__, config as config_mod, logs
 from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.aio import first_of
 from gateway.backoff import Backoff
-from gateway.buffer import Buffer
+from gateway.buffer import VALUES, Buffer
 from gateway.commands import COMMANDS, CommandRouter, RequestMemory
 from gateway.config import GatewayConfig
 from gateway.health import DeviceHealth, LoopLag, Notifier
 from gateway.metrics import Exporter, MetricsError
 from gateway.model import Record, Sample, Waveform, iso_ts
+from gateway.report import ExceptionReporter
 from gateway.upstream import Upstream
 from gateway.upstream_format import FormatUnavailable, create as create_format
 from rules.engine import RuleEngine
@@ -68,6 +69,9 @@ class Pipeline:
                 format=fmt, devices=None if fmt.name == "json" else self._device_states,
             ))
         buffer.set_links([(u.name, u.format.kinds) for u in self.upstreams])
+        # Per-tag values, reported by exception, only when an upstream takes them (Sparkplug).
+        wants_values = any(u.format.kinds is not None and VALUES in u.format.kinds for u in self.upstreams)
+        self.reporter = ExceptionReporter(cfg.report_policy()) if wants_values else None
         self.upstream = self.upstreams[0]  # the one `health.upstream` and the metrics describe
         self.loop_lag = LoopLag()
         self._stop = asyncio.Event()
@@ -168,6 +172,8 @@ class Pipeline:
                 batch.append(self.queue.get_nowait())
             records: list[Record] = []
             waveforms: list[Waveform] = []
+            reporter = self.reporter
+            reportable: list[Sample] = []
             done = False
             for item in batch:
                 if item is _DRAINED:
@@ -176,6 +182,8 @@ class Pipeline:
                 if isinstance(item, list):  # the samples of one request: each stage takes them at once
                     self.analytics.on_samples(item, self._sample_failed)
                     records.extend(self.rules.on_samples(item, self._sample_failed))
+                    if reporter is not None:
+                        reportable.extend(item)
                     continue
                 if isinstance(item, Waveform):
                     waveforms.append(item)  # computed together below: windows closing at once batch
@@ -185,6 +193,10 @@ class Pipeline:
                     records.extend(self.rules.on_sample(item))
                 except Exception:  # noqa: BLE001 - a value that breaks a stage is logged, not fatal
                     log.exception("pipeline.sample_failed", source=item.source)
+                if reporter is not None:
+                    reportable.append(item)
+            if reportable:
+                records.extend(reporter.offer(reportable))
             if waveforms:
                 try:  # windows closing at once are computed together, in the worker threads
                     self.features.submit(self.analytics.assemble(waveforms))
@@ -274,6 +286,7 @@ class Pipeline:
             "analytics": self.features.stats(),
             "rules": self.rules.health(),
             "commands": self.commands.stats(),
+            "report_by_exception": self.reporter.stats() if self.reporter is not None else None,
             "loop_lag": self.loop_lag.to_dict(),
         }
 

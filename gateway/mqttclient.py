@@ -182,6 +182,10 @@ class Session:
             await loop.run_in_executor(None, self._network.join, 5.0)
         self._drop_inbox()  # a message the network thread was still putting
 
+    def end(self, reason: str) -> None:
+        """The owner ends the connection as if it were lost (it then leaves the context)."""
+        self._set_lost(reason)
+
     def publish(self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False,
                 properties: mqtt.Properties | None = None, item: Any = None) -> mqtt.MQTTMessageInfo:
         """Queue a message for the network thread; with `item`, its PUBACK goes to `on_acks`."""

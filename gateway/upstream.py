@@ -349,6 +349,8 @@ class Upstream:
                 self._send(session, inbound.publish)
             if inbound.ready_changed:
                 self._nudge.set()
+            if inbound.reconnect and session is not None:
+                session.end(inbound.reconnect)  # what is in flight stays buffered, sent on the next connection
             command = inbound.command
             if command is None:
                 continue

@@ -70,6 +70,7 @@ class Inbound:
     command: Command | None = None
     publish: list[Message] = field(default_factory=list)  # sent at once (e.g. births after a rebirth request)
     ready_changed: bool = False  # ready() may now answer differently: the Upstream looks again
+    reconnect: str | None = None  # end this connection (after `publish`) and connect anew, for this reason
 
 
 @runtime_checkable

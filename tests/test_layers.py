@@ -2,7 +2,8 @@
 
 core      gateway (the package: version only), gateway.{model, schema, health, logs, mqttclient, statelock, backoff, aio, lazy}: the floor
           everything stands on; imports nothing of the project above it.
-stages    gateway.{buffer, upstream, upstream_format, sparkplug, commands} and gateway.analytics: core and stages.
+stages    gateway.{buffer, upstream, upstream_format, sparkplug, sparkplug_pb, report, commands} and
+          gateway.analytics: core and stages.
 plugins   drivers.* and rules.*: core and their own package, never each other, never a stage.
 wiring    gateway.{app, config, cli, demo, docs, ...}: puts it all together; may import anything.
 
@@ -20,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 CORE = {"gateway", "gateway.model", "gateway.schema", "gateway.health", "gateway.logs", "gateway.mqttclient",
         "gateway.statelock", "gateway.backoff", "gateway.aio", "gateway.lazy"}
-STAGES = {"gateway.buffer", "gateway.upstream", "gateway.upstream_format", "gateway.sparkplug", "gateway.analytics",
-          "gateway.commands"}
+STAGES = {"gateway.buffer", "gateway.upstream", "gateway.upstream_format", "gateway.sparkplug", "gateway.sparkplug_pb",
+          "gateway.report", "gateway.analytics", "gateway.commands"}
 WIRING = {"gateway.__main__", "gateway.app", "gateway.config", "gateway.cli", "gateway.demo",
           "gateway.docs", "gateway.view", "gateway.watch", "gateway.metrics", "gateway.discover"}
 SIMULATORS = "drivers.sim"  # test and demo peers: wiring for the protocol they simulate

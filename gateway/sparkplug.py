@@ -1,0 +1,560 @@
+"""`format: sparkplug`: the gateway as a Sparkplug B 3.0 edge node (see gateway.upstream_format).
+
+Topics are `spBv1.0/{group_id}/{TYPE}/{edge node id}[/{device}]`, the edge node id being the
+gateway id. What goes where:
+
+- NBIRTH: `bdSeq`, `Node Control/Rebirth` and, per alarm rule, `Alarms/{rule}/State`,
+  `/Severity` and `/Value`. NDEATH (the MQTT will, and sent on a clean stop) carries the same
+  `bdSeq`, which grows by one per connection and survives restarts (a file in the state dir).
+- DBIRTH per device: every scalar tag (its Sparkplug type from the driver type), and the
+  features of each analysis whose input is on the device (`{analysis}/velocity_rms`,
+  `{analysis}/bearing/bpfo/amplitude`, ...), each with an alias, its last value and a `Quality`
+  property. DDATA: changed metrics by alias only. DDEATH when the device is disconnected, a
+  DBIRTH when it is back. A metric not in the last birth (or a value its type cannot hold)
+  makes a new DBIRTH first, so a birth always lists what the data uses.
+- Tag values come from `values/` rows (report by exception, gateway.report), features from
+  `features/` rows, alarm states from `alarms/` rows as NDATA. `seq` runs 0..255 over every
+  node message after NBIRTH (which is 0).
+- Store and forward: rows wait in the buffer while the broker, or the primary host application
+  (`primary_host_id`, its retained `spBv1.0/STATE/{id}` JSON `online`), is away. A STATE offline
+  makes the node send NDEATH and connect anew, and no birth goes out until the host's STATE says
+  online. Then: births, then what waited, as DDATA/NDATA with `is_historical`, in measurement
+  order, then live data.
+- NCMD `Node Control/Rebirth` = true: every birth again (and the alarm states, through the same
+  `rebirth` command as the JSON `cmd/rebirth`). DCMD: each metric is a write of that tag, through
+  the same `write` command as `cmd/write`, with its permissions and audit; a String metric named
+  `token` carries `commands.token_file`'s secret.
+
+Births and deaths go at QoS 0 (the will at QoS 1), as the specification says. DDATA and NDATA go
+at QoS 1: a row leaves the buffer only once the broker has acknowledged the message carrying it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway import logs
+from gateway import sparkplug_pb as pb
+from gateway.buffer import VALUES, Row, row_kind
+from gateway.model import Quality, split_source
+from gateway.upstream_format import Command, Inbound, Message
+
+log = logs.get("gateway.sparkplug")
+
+NAMESPACE = "spBv1.0"
+REBIRTH = "Node Control/Rebirth"
+BDSEQ = "bdSeq"
+# The OPC DA quality codes Sparkplug hosts (Ignition) read from a metric's Quality property.
+QUALITY_CODE = {"good": 192, "uncertain": 64, "bad": 0}
+GOOD = QUALITY_CODE["good"]
+TYPES = {"bool": pb.BOOLEAN, "int16": pb.INT16, "uint16": pb.UINT16, "int32": pb.INT32, "uint32": pb.UINT32,
+         "int64": pb.INT64, "uint64": pb.UINT64, "float32": pb.FLOAT, "float64": pb.DOUBLE, "string": pb.STRING}
+ALARM_RULE_TYPES = ("threshold", "iso10816", "rate", "stale")  # rule types that raise alarms
+COMPANION = ("threshold", "iso10816", "rate")  # ... and have a `.bad_input` companion alarm
+MAX_METRICS = 2000  # metrics per DDATA before another message starts
+
+
+def _ms(ts: float) -> int:
+    return int(round(ts * 1000))
+
+
+def _epoch(iso: str | None) -> float:
+    if not iso:
+        return time.time()
+    return _dt.datetime.fromisoformat(iso).timestamp()
+
+
+def _infer(value: Any) -> int:
+    """The Sparkplug type for a value whose driver did not say."""
+    if isinstance(value, bool):
+        return pb.BOOLEAN
+    if isinstance(value, int):
+        return pb.INT64
+    if isinstance(value, str):
+        return pb.STRING
+    return pb.DOUBLE
+
+
+class _Metric:
+    """One metric's birth entry and what was last sent of it."""
+
+    __slots__ = ("name", "alias", "datatype", "value", "ts", "quality")
+
+    def __init__(self, name: str, alias: int, datatype: int) -> None:
+        self.name = name
+        self.alias = alias
+        self.datatype = datatype
+        self.value: Any = None
+        self.ts: float | None = None
+        self.quality = GOOD
+
+
+class _Set:
+    """The metrics of the node or of one device, by name, in birth order."""
+
+    def __init__(self, aliases: "_Aliases") -> None:
+        self.by_name: dict[str, _Metric] = {}
+        self._aliases = aliases
+
+    def declare(self, name: str, datatype: int) -> _Metric:
+        m = self.by_name.get(name)
+        if m is None:
+            m = self.by_name[name] = _Metric(name, self._aliases.next(), datatype)
+        return m
+
+
+class _Aliases:
+    """Aliases are unique over the whole edge node and never reused while the process runs."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def next(self) -> int:
+        self._next += 1
+        return self._next
+
+
+class SparkplugFormat:
+    name = "sparkplug"
+    kinds: frozenset[str] | None = frozenset({VALUES, "features", "alarms"})  # topics' first segments
+
+    def __init__(self, upstream_cfg: Any, gateway_cfg: Any, *, started_at: float) -> None:
+        self.group = upstream_cfg.group_id
+        self.node = gateway_cfg.gateway.id
+        self.host_id: str | None = upstream_cfg.primary_host_id
+        self.upstream = upstream_cfg.name
+        self._bdseq_file = Path(gateway_cfg.gateway.state_dir) / f"sparkplug-{upstream_cfg.name}.bdseq"
+        self.bdseq = self._load_bdseq()  # the one of the current (or last) connection
+        self.seq = 0
+        self.host_online = self.host_id is None
+        self._host_ts = 0  # the newest STATE timestamp seen (an older one is stale)
+        self.node_born = False  # NBIRTH sent on this connection
+        self.born: set[str] = set()  # devices with a DBIRTH on this connection
+        self.device_up: dict[str, bool] = {}
+        self._ever_up: set[str] = set()
+        self._gone: set[str] = set()  # devices that were up and are now disconnected
+        self._aliases = _Aliases()
+        self.node_metrics = _Set(self._aliases)
+        self.node_metrics.declare(BDSEQ, pb.INT64)
+        self.node_metrics.declare(REBIRTH, pb.BOOLEAN).value = False
+        for rule in gateway_cfg.rules:
+            if rule.type in ALARM_RULE_TYPES:
+                self._declare_alarm(rule.name)
+                if rule.type in COMPANION and getattr(rule, "bad_input_alarm", True):
+                    self._declare_alarm(f"{rule.name}.bad_input")
+        self.devices: dict[str, _Set] = {}
+        self._analysis_device: dict[str, str] = {}  # analysis -> the device of its input
+        for d in gateway_cfg.devices:
+            if not d.enabled:
+                continue
+            metrics = self.devices[d.name] = _Set(self._aliases)
+            for tag, report in d.reporting().items():
+                metrics.declare(tag, TYPES.get(report.type, pb.DOUBLE))
+        for a in gateway_cfg.analyses:
+            device = split_source(a.input)[0]
+            self._analysis_device[a.name] = device
+            metrics = self.devices.setdefault(device, _Set(self._aliases))
+            for name, datatype in _feature_metric_names(a):
+                metrics.declare(name, datatype)
+        self.messages_sent = 0
+
+    # ----- topics -----
+
+    def topic(self, kind: str, device: str | None = None) -> str:
+        base = f"{NAMESPACE}/{self.group}/{kind}/{self.node}"
+        return f"{base}/{device}" if device else base
+
+    # ----- bdSeq -----
+
+    def _load_bdseq(self) -> int:
+        try:
+            return int(self._bdseq_file.read_text().strip()) % 256
+        except (OSError, ValueError):
+            return 255  # so that the first connection ever is bdSeq 0
+
+    def _store_bdseq(self) -> None:
+        tmp = self._bdseq_file.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(str(self.bdseq))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._bdseq_file)
+        except OSError as exc:
+            log.warning("sparkplug.bdseq_not_saved", path=str(self._bdseq_file), error=str(exc),
+                        hint="after a restart the bdSeq may repeat")
+
+    # ----- the Format calls -----
+
+    def will(self) -> Message | None:
+        """Before each CONNECT: a new session, a new bdSeq (saved before the broker knows it)."""
+        self.bdseq = (self.bdseq + 1) % 256
+        self._store_bdseq()
+        self.node_born = False
+        self.born.clear()
+        self.host_online = self.host_id is None
+        return self._ndeath(qos=1)
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(self.topic("NCMD"), 1), (self.topic("DCMD") + "/+", 1)]
+        if self.host_id is not None:
+            subs.append((f"{NAMESPACE}/STATE/{self.host_id}", 1))
+        return subs
+
+    def on_connect(self) -> list[Message]:
+        return self.births() if self.host_online else []
+
+    def ready(self) -> bool:
+        return self.host_online and self.node_born
+
+    def on_clean_stop(self) -> list[Message]:
+        return [self._ndeath(qos=0)]
+
+    def device_state(self, device: str, connected: bool) -> list[Message]:
+        self.device_up[device] = connected
+        if connected:
+            self._gone.discard(device)
+        elif device in self._ever_up:
+            self._gone.add(device)  # was up, is down (not a device that has not connected yet)
+        if connected:
+            self._ever_up.add(device)
+        if not self.node_born:
+            return []  # the births after the node's birth say it
+        if connected and device not in self.born:
+            return [self._dbirth(device)]
+        if not connected and device in self.born:
+            return [self._ddeath(device)]
+        return []
+
+    def on_message(self, topic: str, payload: bytes, props: Any, retain: bool) -> Inbound | None:
+        if self.host_id is not None and topic == f"{NAMESPACE}/STATE/{self.host_id}":
+            return self._on_state(payload)
+        if topic == self.topic("NCMD"):
+            return self._on_ncmd(payload)
+        base = self.topic("DCMD") + "/"
+        if topic.startswith(base):
+            return self._on_dcmd(topic[len(base):], payload)
+        return None
+
+    # ----- births and deaths -----
+
+    def births(self) -> list[Message]:
+        """NBIRTH (seq 0), then a DBIRTH for every device that is up or has sent data."""
+        self.seq = 0
+        self.node_metrics.by_name[BDSEQ].value = self.bdseq
+        out = [self._message("NBIRTH", None, self._birth_metrics(self.node_metrics), qos=0, seq=0)]
+        self.node_born = True
+        self.born.clear()
+        for device in self.devices:
+            if self.device_up.get(device):
+                out.append(self._dbirth(device))
+        return out
+
+    def _dbirth(self, device: str) -> Message:
+        self.born.add(device)
+        return self._message("DBIRTH", device, self._birth_metrics(self.devices[device]), qos=0)
+
+    def _ddeath(self, device: str) -> Message:
+        self.born.discard(device)
+        return self._message("DDEATH", device, [], qos=0)
+
+    def _ndeath(self, qos: int) -> Message:
+        p = pb.Payload(timestamp=_ms(time.time()))
+        p.metrics.add(name=BDSEQ, datatype=pb.INT64, long_value=self.bdseq)
+        return Message(self.topic("NDEATH"), p.SerializeToString(), qos=qos, retain=False)
+
+    def _birth_metrics(self, metrics: _Set) -> list[Any]:
+        out = []
+        for m in metrics.by_name.values():
+            pm = pb.Metric(name=m.name, alias=m.alias, datatype=m.datatype)
+            if m.ts is not None:
+                pm.timestamp = _ms(m.ts)
+            _set_value(pm, m.datatype, m.value)
+            if m.name not in (BDSEQ, REBIRTH):
+                pm.properties.keys.append("Quality")
+                pm.properties.values.add(type=pb.INT32, int_value=m.quality)
+            out.append(pm)
+        return out
+
+    def _message(self, kind: str, device: str | None, metrics: list[Any], qos: int, seq: int | None = None,
+                 payload: Any = None) -> Message:
+        """`payload`: a Payload already holding its metrics (DDATA/NDATA build them in place, not
+        as separate Metric objects that `extend` would copy once more)."""
+        if seq is None:
+            self.seq = (self.seq + 1) % 256
+            seq = self.seq
+        p = pb.Payload() if payload is None else payload
+        p.timestamp = _ms(time.time())
+        p.seq = seq
+        p.metrics.extend(metrics)
+        self.messages_sent += 1
+        return Message(self.topic(kind, device), p.SerializeToString(), qos=qos, retain=False)
+
+    def _declare_alarm(self, rule: str) -> None:
+        self.node_metrics.declare(f"Alarms/{rule}/State", pb.STRING)
+        self.node_metrics.declare(f"Alarms/{rule}/Severity", pb.STRING)
+        self.node_metrics.declare(f"Alarms/{rule}/Value", pb.DOUBLE)
+
+    # ----- data -----
+
+    def encode(self, rows: list[Row], historical: bool) -> list[tuple[list[Row], Message]]:
+        """Rows -> DDATA per device (and NDATA for alarms), a run of rows of one device in one
+        message; births first wherever a metric is new to its birth."""
+        out: list[tuple[list[Row], Message]] = []
+        groups: dict[str | None, tuple[list[Row], Any]] = {}  # device (None: node) -> rows, Payload
+
+        def flush(device: str | None) -> None:
+            got = groups.pop(device, None)
+            if got is None:
+                return
+            acks, payload = got
+            kind = "NDATA" if device is None else "DDATA"
+            out.append((acks, self._message(kind, device, [], qos=1, payload=payload)))
+
+        for row in rows:
+            kind = row_kind(row.topic)
+            body = orjson.loads(row.payload)
+            if kind == VALUES:
+                device = body.get("device") or row.topic.split("/", 1)[-1]
+                points = [(tag, value, ts, quality) for tag, value, ts, quality in body.get("values", ())]
+            elif kind == "features":
+                analysis = body.get("analysis") or row.topic.split("/", 1)[-1]
+                device = self._analysis_device.get(analysis) or split_source(body.get("input", ""))[0]
+                points = _feature_points(analysis, body)
+            elif kind == "alarms":
+                device = None
+                points = _alarm_points(body)
+            else:
+                continue  # a kind this format does not take (never fetched for it)
+            metrics = self.node_metrics if device is None else self.devices.setdefault(device, _Set(self._aliases))
+            if self._needs_birth(device, metrics, points):
+                flush(device)
+                for message in self._rebirth_for(device):
+                    out.append(([], message))
+            entry = groups.get(device)
+            if entry is None:
+                entry = groups[device] = ([], pb.Payload())
+            entry[0].append(row)
+            add, by_name = entry[1].metrics.add, metrics.by_name
+            last_ts = last_ms = None  # the points of a row mostly share one timestamp
+            for name, value, ts, quality in points:
+                if ts != last_ts:
+                    last_ts, last_ms = ts, _ms(ts)
+                self._data_metric(add, by_name[name], value, ts, last_ms, quality, historical)
+            if len(entry[1].metrics) >= MAX_METRICS:
+                flush(device)
+        for device in list(groups):
+            flush(device)
+            if device is not None and device in self._gone and device in self.born:
+                out.append(([], self._ddeath(device)))  # late data of a device that is down
+        return out
+
+    def _needs_birth(self, device: str | None, metrics: _Set, points: list[tuple]) -> bool:
+        """Declare what is new; True when a (re)birth must go before these points."""
+        fresh = device is not None and device not in self.born
+        for name, value, _, _ in points:
+            m = metrics.by_name.get(name)
+            if m is None:
+                metrics.declare(name, _infer(value))
+                fresh = True
+            elif not _fits(m.datatype, value):
+                m.datatype = _infer(value)  # e.g. an OPC UA string tag: its type as the values say
+                fresh = True
+        return fresh
+
+    def _rebirth_for(self, device: str | None) -> list[Message]:
+        if device is None:
+            log.info("sparkplug.rebirth", upstream=self.upstream, reason="a node metric new to the NBIRTH")
+            return self.births()
+        return [self._dbirth(device)]
+
+    def _data_metric(self, add: Any, m: _Metric, value: Any, ts: float, ms: int, quality: str,
+                     historical: bool) -> Any:
+        """A data metric, added with `add` (its Payload's `metrics.add`); `ms` is `_ms(ts)`."""
+        pm = add(alias=m.alias, timestamp=ms)
+        if historical:
+            pm.is_historical = True
+        _set_value(pm, m.datatype, value)
+        code = QUALITY_CODE.get(quality, 0)
+        if code != GOOD or m.quality != GOOD:  # good is the default: said only when it changes back
+            pm.properties.keys.append("Quality")
+            pm.properties.values.add(type=pb.INT32, int_value=code)
+        m.value, m.ts, m.quality = value, ts, code
+        return pm
+
+    # ----- incoming -----
+
+    def _on_state(self, payload: bytes) -> Inbound | None:
+        try:
+            state = json.loads(payload) if payload else {"online": False}
+            online = bool(state["online"])
+            ts = int(state.get("timestamp") or 0)
+        except (ValueError, KeyError, TypeError):
+            log.warning("sparkplug.bad_state", upstream=self.upstream, payload=payload[:200].decode(errors="replace"))
+            return None
+        if ts and ts < self._host_ts:
+            return None  # older than one already seen: stale
+        self._host_ts = max(self._host_ts, ts)
+        if online == self.host_online:
+            return None
+        self.host_online = online
+        log.info("sparkplug.primary_host", upstream=self.upstream, host=self.host_id, online=online)
+        if not online:
+            # As the specification asks: NDEATH, a new connection, no birth before the host is
+            # back. The data waits in the buffer and goes as historical once it is.
+            return Inbound(publish=[self._ndeath(qos=1)], ready_changed=True,
+                           reconnect=f"primary host {self.host_id} is offline")
+        return Inbound(publish=self.births(), ready_changed=True)
+
+    def _on_ncmd(self, payload: bytes) -> Inbound | None:
+        decoded = _decode(payload, self.node_metrics, self.upstream, "NCMD")
+        if decoded is None:
+            return None
+        metrics, _ = decoded
+        if any(name == REBIRTH and value is True for name, value in metrics):
+            log.info("sparkplug.rebirth", upstream=self.upstream, reason="NCMD Node Control/Rebirth")
+            if not self.host_online:
+                return None  # the births follow the primary host's STATE online
+            return Inbound(publish=self.births(), command=Command("rebirth"))
+        log.warning("sparkplug.ncmd_refused", upstream=self.upstream, metrics=[n for n, _ in metrics],
+                    hint=f"the only node command is {REBIRTH} = true")
+        return None
+
+    def _on_dcmd(self, device: str, payload: bytes) -> Inbound | None:
+        metrics = self.devices.get(device)
+        if metrics is None:
+            log.warning("sparkplug.dcmd_refused", upstream=self.upstream, device=device, reason="unknown device")
+            return None
+        decoded = _decode(payload, metrics, self.upstream, "DCMD")
+        if decoded is None:
+            return None
+        decoded, stamp = decoded
+        token = next((v for n, v in decoded if n == "token"), None)
+        writes = [{"tag": n, "value": v} for n, v in decoded if n != "token"]
+        if not writes:
+            return None
+        request: dict[str, Any] = {"id": f"spb-{device}-{stamp}", "device": device, "writes": writes}
+        if token is not None:
+            request["token"] = token
+        return Inbound(command=Command("write", request))
+
+
+def _decode(payload: bytes, metrics: _Set, upstream: str, what: str) -> tuple[list[tuple[str, Any]], str] | None:
+    """(name, value) of each metric of an NCMD/DCMD, aliases resolved by the last birth, and the
+    payload's `{timestamp}-{seq}` (what tells a redelivery from a new command)."""
+    try:
+        p = pb.Payload.FromString(payload)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError
+        log.warning(f"sparkplug.{what.lower()}_bad_payload", upstream=upstream, error=str(exc))
+        return None
+    by_alias = {m.alias: m for m in metrics.by_name.values()}
+    out = []
+    for pm in p.metrics:
+        name = pm.name
+        known = metrics.by_name.get(name) if name else by_alias.get(pm.alias)
+        if not name:
+            if known is None:
+                log.warning(f"sparkplug.{what.lower()}_unknown_alias", upstream=upstream, alias=pm.alias)
+                continue
+            name = known.name
+        datatype = pm.datatype or (known.datatype if known else 0)
+        out.append((name, _get_value(pm, datatype)))
+    stamp = f"{p.timestamp}-{p.seq}" if p.HasField("timestamp") else str(time.time_ns())
+    return out, stamp
+
+
+
+def _set_value(pm: Any, datatype: int, value: Any) -> None:
+    if type(value) is float and (datatype == pb.DOUBLE or datatype == pb.FLOAT):
+        wire = value  # what wire_value makes of it, without its checks (most values are these)
+    else:
+        wire = pb.wire_value(datatype, value)
+    if wire is None:
+        pm.is_null = True
+    else:
+        setattr(pm, pb.VALUE_FIELD[datatype], wire)
+
+
+def _fits(datatype: int, value: Any) -> bool:
+    """Can a metric of `datatype` carry this kind of value (a number out of range is sent null)?"""
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return datatype == pb.BOOLEAN
+    if isinstance(value, str):
+        return datatype in (pb.STRING, pb.TEXT)
+    return datatype not in (pb.BOOLEAN, pb.STRING, pb.TEXT)
+
+
+def _get_value(pm: Any, datatype: int) -> Any:
+    if pm.is_null:
+        return None
+    field = next((f for f in ("boolean_value", "string_value", "double_value", "float_value", "long_value",
+                              "int_value") if pm.HasField(f)), None)
+    if field is None:
+        return None
+    value = getattr(pm, field)
+    if field == "int_value" and datatype in (pb.INT8, pb.INT16, pb.INT32):
+        bits = {pb.INT8: 8, pb.INT16: 16, pb.INT32: 32}[datatype]
+        return value - (1 << bits) if value >= 1 << (bits - 1) else value
+    if field == "long_value" and datatype == pb.INT64:
+        return value - (1 << 64) if value >= 1 << 63 else value
+    return value
+
+
+def _feature_metric_names(analysis: Any) -> list[tuple[str, int]]:
+    """The metrics an analysis gives its input's device, from its configuration alone."""
+    from gateway.analytics import feature_names  # noqa: PLC0415 - no NumPy: names only
+
+    out: list[tuple[str, int]] = []
+    prefix = f"{analysis.name}."
+    for qualified in feature_names(analysis):
+        name = qualified[len(prefix):]
+        if not name.startswith("bearing."):
+            out.append((f"{analysis.name}/{name}", pb.DOUBLE))
+    if "envelope" in analysis.features and analysis.bearing is not None:
+        out.append((f"{analysis.name}/bearing/shaft_hz", pb.DOUBLE))
+        for d in analysis.bearing.orders:
+            for part in ("hz", "amplitude", "snr_db"):
+                out.append((f"{analysis.name}/bearing/{d}/{part}", pb.DOUBLE))
+        out.append((f"{analysis.name}/bearing/dominant", pb.STRING))
+    return out
+
+
+_FEATURE_META = frozenset({"gateway", "seq", "ts", "analysis", "input", "unit", "quality", "samples", "sample_rate",
+                           "window_start", "duration_s", "spectrum", "bearing"})
+
+
+def _feature_points(analysis: str, body: dict[str, Any]) -> list[tuple[str, Any, float, str]]:
+    ts = _epoch(body.get("window_start") or body.get("ts"))
+    quality = body.get("quality") or "good"
+    points = [(f"{analysis}/{k}", v, ts, quality) for k, v in body.items()
+              if k not in _FEATURE_META and (v is None or isinstance(v, (int, float, str)))]
+    bearing = body.get("bearing")
+    if isinstance(bearing, dict):
+        for d, line in bearing.items():
+            if isinstance(line, dict):
+                for part in ("hz", "amplitude", "snr_db"):
+                    if part in line:
+                        points.append((f"{analysis}/bearing/{d}/{part}", line[part], ts, quality))
+            elif d in ("shaft_hz", "dominant"):
+                points.append((f"{analysis}/bearing/{d}", line, ts, quality))
+    return points
+
+
+def _alarm_points(body: dict[str, Any]) -> list[tuple[str, Any, float, str]]:
+    rule = body.get("rule", "?")
+    ts = _epoch(body.get("ts"))
+    value = body.get("value")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        value = None
+    return [(f"Alarms/{rule}/State", body.get("state"), ts, "good"),
+            (f"Alarms/{rule}/Severity", body.get("severity"), ts, "good"),
+            (f"Alarms/{rule}/Value", value, ts, "good")]
