@@ -5,7 +5,9 @@ gateway id. What goes where:
 
 - NBIRTH: `bdSeq`, `Node Control/Rebirth` and, per alarm rule, `Alarms/{rule}/State`,
   `/Severity` and `/Value`. NDEATH (the MQTT will, and sent on a clean stop) carries the same
-  `bdSeq`, which grows by one per connection and survives restarts (a file in the state dir).
+  `bdSeq`, which grows by one per connection attempt (each CONNECT carries its will; one
+  refused before CONNECT skips a number, which hosts do not mind: they match an NDEATH's bdSeq
+  to the NBIRTH's) and survives restarts (a file in the state dir).
 - DBIRTH per device: every scalar tag (its Sparkplug type from the driver type), and the
   features of each analysis whose input is on the device (`{analysis}/velocity_rms`,
   `{analysis}/bearing/bpfo/amplitude`, ...), each with an alias, its last value and a `Quality`
@@ -32,6 +34,7 @@ at QoS 1: a row leaves the buffer only once the broker has acknowledged the mess
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -53,12 +56,13 @@ REBIRTH = "Node Control/Rebirth"
 BDSEQ = "bdSeq"
 # The OPC DA quality codes Sparkplug hosts (Ignition) read from a metric's Quality property.
 QUALITY_CODE = {"good": 192, "uncertain": 64, "bad": 0}
-GOOD = QUALITY_CODE["good"]
+GOOD, BAD = QUALITY_CODE["good"], QUALITY_CODE["bad"]
 TYPES = {"bool": pb.BOOLEAN, "int16": pb.INT16, "uint16": pb.UINT16, "int32": pb.INT32, "uint32": pb.UINT32,
          "int64": pb.INT64, "uint64": pb.UINT64, "float32": pb.FLOAT, "float64": pb.DOUBLE, "string": pb.STRING}
 ALARM_RULE_TYPES = ("threshold", "iso10816", "rate", "stale")  # rule types that raise alarms
 COMPANION = ("threshold", "iso10816", "rate")  # ... and have a `.bad_input` companion alarm
 MAX_METRICS = 2000  # metrics per DDATA before another message starts
+_NO_TS = object()  # no timestamp converted yet (encode's one-entry cache of _ms)
 
 
 def _ms(ts: float) -> int:
@@ -93,7 +97,7 @@ class _Metric:
         self.datatype = datatype
         self.value: Any = None
         self.ts: float | None = None
-        self.quality = GOOD
+        self.quality = BAD  # no value yet: born null with quality bad, never a good-looking null
 
 
 class _Set:
@@ -140,6 +144,7 @@ class SparkplugFormat:
         self.device_up: dict[str, bool] = {}
         self._ever_up: set[str] = set()
         self._gone: set[str] = set()  # devices that were up and are now disconnected
+        self._gone_at: dict[str, float] = {}  # ... since when (time.time() when we were told)
         self._aliases = _Aliases()
         self.node_metrics = _Set(self._aliases)
         self.node_metrics.declare(BDSEQ, pb.INT64)
@@ -223,6 +228,7 @@ class SparkplugFormat:
             self._gone.discard(device)
         elif device in self._ever_up:
             self._gone.add(device)  # was up, is down (not a device that has not connected yet)
+            self._gone_at[device] = time.time()
         if connected:
             self._ever_up.add(device)
         if not self.node_born:
@@ -333,6 +339,8 @@ class SparkplugFormat:
                 points = _alarm_points(body)
             else:
                 continue  # a kind this format does not take (never fetched for it)
+            if device in self._gone and any(p[2] > self._gone_at[device] for p in points):
+                self._gone.discard(device)  # measured after it went: it is back (device_state says so later)
             metrics = self.node_metrics if device is None else self.devices.setdefault(device, _Set(self._aliases))
             if self._needs_birth(device, metrics, points):
                 flush(device)
@@ -343,7 +351,7 @@ class SparkplugFormat:
                 entry = groups[device] = ([], pb.Payload())
             entry[0].append(row)
             add, by_name = entry[1].metrics.add, metrics.by_name
-            last_ts = last_ms = None  # the points of a row mostly share one timestamp
+            last_ts, last_ms = _NO_TS, 0  # the points of a row mostly share one timestamp
             for name, value, ts, quality in points:
                 if ts != last_ts:
                     last_ts, last_ms = ts, _ms(ts)
@@ -359,11 +367,14 @@ class SparkplugFormat:
     def _needs_birth(self, device: str | None, metrics: _Set, points: list[tuple]) -> bool:
         """Declare what is new; True when a (re)birth must go before these points."""
         fresh = device is not None and device not in self.born
+        by_name = metrics.by_name
         for name, value, _, _ in points:
-            m = metrics.by_name.get(name)
+            m = by_name.get(name)
             if m is None:
                 metrics.declare(name, _infer(value))
                 fresh = True
+            elif type(value) is float and m.datatype not in _NOT_NUMBERS:
+                continue  # fits (the common case, without the call)
             elif not _fits(m.datatype, value):
                 m.datatype = _infer(value)  # e.g. an OPC UA string tag: its type as the values say
                 fresh = True
@@ -383,7 +394,7 @@ class SparkplugFormat:
             pm.is_historical = True
         _set_value(pm, m.datatype, value)
         code = QUALITY_CODE.get(quality, 0)
-        if code != GOOD or m.quality != GOOD:  # good is the default: said only when it changes back
+        if code != GOOD or m.quality != GOOD:  # good is the default: said only when it becomes good
             pm.properties.keys.append("Quality")
             pm.properties.values.add(type=pb.INT32, int_value=code)
         m.value, m.ts, m.quality = value, ts, code
@@ -448,7 +459,7 @@ class SparkplugFormat:
 
 def _decode(payload: bytes, metrics: _Set, upstream: str, what: str) -> tuple[list[tuple[str, Any]], str] | None:
     """(name, value) of each metric of an NCMD/DCMD, aliases resolved by the last birth, and the
-    payload's `{timestamp}-{seq}` (what tells a redelivery from a new command)."""
+    payload's `{timestamp}-{seq}-{digest}` (what tells a redelivery from a new command)."""
     try:
         p = pb.Payload.FromString(payload)
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError
@@ -466,7 +477,10 @@ def _decode(payload: bytes, metrics: _Set, upstream: str, what: str) -> tuple[li
             name = known.name
         datatype = pm.datatype or (known.datatype if known else 0)
         out.append((name, _get_value(pm, datatype)))
-    stamp = f"{p.timestamp}-{p.seq}" if p.HasField("timestamp") else str(time.time_ns())
+    # With a digest of the payload: two commands in one millisecond (pysparkplug and many hosts
+    # send no seq in NCMD/DCMD) are two commands; only the very same message is a redelivery.
+    digest = hashlib.blake2b(payload, digest_size=6).hexdigest()
+    stamp = f"{p.timestamp}-{p.seq}-{digest}" if p.HasField("timestamp") else str(time.time_ns())
     return out, stamp
 
 
@@ -482,6 +496,9 @@ def _set_value(pm: Any, datatype: int, value: Any) -> None:
         setattr(pm, pb.VALUE_FIELD[datatype], wire)
 
 
+_NOT_NUMBERS = (pb.BOOLEAN, pb.STRING, pb.TEXT)  # the types a number does not fit
+
+
 def _fits(datatype: int, value: Any) -> bool:
     """Can a metric of `datatype` carry this kind of value (a number out of range is sent null)?"""
     if value is None:
@@ -490,7 +507,7 @@ def _fits(datatype: int, value: Any) -> bool:
         return datatype == pb.BOOLEAN
     if isinstance(value, str):
         return datatype in (pb.STRING, pb.TEXT)
-    return datatype not in (pb.BOOLEAN, pb.STRING, pb.TEXT)
+    return datatype not in _NOT_NUMBERS
 
 
 def _get_value(pm: Any, datatype: int) -> Any:

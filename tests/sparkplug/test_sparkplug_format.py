@@ -83,7 +83,8 @@ def test_births_datatypes_aliases_and_seq(tmp_path):
     assert len(set(aliases)) == len(aliases) and all(a for a in aliases)
     # every device metric says its quality in the birth
     raw = tahu.Payload.FromString(births[1].payload)
-    assert all(list(m.properties.keys) == ["Quality"] for m in raw.metrics)
+    assert all(list(m.properties.keys) == ["Quality"] and m.properties.values[0].int_value == 0 and m.is_null
+               for m in raw.metrics)  # nothing read yet: null and bad
 
     rep = ExceptionReporter(fmt_cfg_policy(tmp_path))
     out = fmt.encode(rows_of(rep.offer([Sample("press1.temp", -12, 100.0), Sample("press1.running", True, 100.0),
@@ -128,8 +129,8 @@ def test_quality_historical_and_null(tmp_path):
     raw = tahu.Payload.FromString(out[0][1].payload)
     quality = [dict(zip(m.properties.keys, (v.int_value for v in m.properties.values))).get("Quality")
                for m in raw.metrics]
-    # good is said only when it changes back to good
-    assert quality == [None, 0, 64, 192, None, None]
+    # born without a value (quality bad): good is said at the first value and when it is good again
+    assert quality == [192, 0, 64, 192, None, None]
     decoded = ps.DData.decode(out[0][1].payload, birth=dbirth).metrics
     assert all(m.is_historical for m in decoded)
     assert [m.value for m in decoded] == [20, None, 21, 22, 23, None]  # 99999 does not fit an Int16: null
@@ -240,8 +241,10 @@ def test_ncmd_rebirth_and_dcmd_writes(tmp_path):
     dcmd.metrics.add(name="token", datatype=ps.DataType.STRING, string_value="s3cret")
     inbound = fmt.on_message("spBv1.0/plant1/DCMD/gw1/press1", dcmd.SerializeToString(), None, False)
     assert inbound.command.name == "write" and inbound.command.raw is None
-    assert inbound.command.request == {"id": "spb-press1-5-7", "device": "press1", "token": "s3cret",
-                                       "writes": [{"tag": "temp", "value": -3}, {"tag": "running", "value": True}]}
+    request = dict(inbound.command.request)
+    assert request.pop("id").startswith("spb-press1-5-7-")  # and a digest of the payload
+    assert request == {"device": "press1", "token": "s3cret",
+                       "writes": [{"tag": "temp", "value": -3}, {"tag": "running", "value": True}]}
     assert fmt.on_message("spBv1.0/plant1/DCMD/gw1/nosuch", dcmd.SerializeToString(), None, False) is None
     assert fmt.on_message("spBv1.0/plant1/DCMD/gw1/press1", b"\xff\xfe garbage", None, False) is None
 
