@@ -1,9 +1,19 @@
 """Forwarding throughput: buffer -> broker, beside raw paho QoS 1 publishing to the same broker.
 
-    python bench/bench_forward.py [--records 20000] [--inflight 100]
+    python bench/bench_forward.py [--records 20000] [--inflight 100] [--only json|sparkplug]
+                                  [--spb-rows 2000] [--spb-devices 10] [--spb-tags 100]
 
-Starts its own Mosquitto on a free loopback port. Prints buffer ingest (records/s, batches of
-500), raw paho QoS 1 publish rate, gateway drain rate, and the ratio drain / raw.
+Starts its own Mosquitto on a free loopback port. Two sections, both by default:
+
+json       buffer ingest (records/s, batches of 500), raw paho QoS 1 publish rate, gateway drain
+           rate, and the ratio drain / raw.
+sparkplug  `values/{device}` rows made by `ExceptionReporter.offer` (devices of `--spb-tags`
+           scalar tags, a configuration with a `format: sparkplug` upstream and matching Modbus
+           devices, loaded from YAML) drained by the real `Upstream` with a `SparkplugFormat`:
+           DDATA messages/s and metrics/s (counted at the upstream: the buffer is empty only once
+           every DDATA was acknowledged), beside raw paho QoS 1 publishing of the same encoded
+           DDATA payloads (same broker, same max_inflight), the ratio drain / raw (target 0.7),
+           and `SparkplugFormat.encode` alone, in µs per metric.
 """
 
 from __future__ import annotations
@@ -22,12 +32,19 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from _limit import TimeLimit  # bench/ is on sys.path as the script folder
+from gateway import config as config_mod
+from gateway import sparkplug_pb as pb
 from gateway.buffer import Buffer
 from gateway.config import UpstreamConfig
-from gateway.model import Record
+from gateway.model import Quality, Record, Sample
+from gateway.report import ExceptionReporter
+from gateway.sparkplug import SparkplugFormat
 from gateway.upstream import Upstream
 
 PAYLOAD_BYTES = 200
+SPB_TARGET = 0.7  # the issue's target for the Sparkplug drain, as a fraction of raw paho
+SPB_GROUP = "bench"
+DRAIN_LIMIT = 120.0  # s, per drain or raw publish run (the overall --limit still applies)
 
 
 def start_broker(workdir: Path) -> tuple[subprocess.Popen, int]:
@@ -49,6 +66,12 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen, int]:
 
 
 def raw_paho(port: int, n: int, inflight: int) -> float:
+    return raw_publish(port, [("bench/raw", b"x" * PAYLOAD_BYTES)] * n, inflight, "raw")
+
+
+def raw_publish(port: int, messages: list[tuple[str, bytes]], inflight: int, client_id: str) -> float:
+    """Publish `messages` at QoS 1 with plain paho; messages/s until the last PUBACK."""
+    n = len(messages)
     done = threading.Event()
     acked = 0
 
@@ -58,22 +81,22 @@ def raw_paho(port: int, n: int, inflight: int) -> float:
         if acked == n:
             done.set()
 
-    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="raw", protocol=mqtt.MQTTv5)
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(inflight)
     c.on_publish = on_publish
     c.connect("127.0.0.1", port)
     c.loop_start()
-    body = b"x" * PAYLOAD_BYTES
     t0 = time.perf_counter()
     sent = 0
     while sent < n:  # keep at most 60k unacknowledged in paho: message ids are 16-bit
         if sent - acked < 60_000:
-            c.publish("bench/raw", body, qos=1)
+            topic, body = messages[sent]
+            c.publish(topic, body, qos=1)
             sent += 1
         else:
             time.sleep(0.001)
-    if not done.wait(120):
-        raise RuntimeError(f"raw paho: only {acked}/{n} acknowledged")
+    if not done.wait(DRAIN_LIMIT):
+        raise RuntimeError(f"raw paho ({client_id}): only {acked}/{n} acknowledged")
     elapsed = time.perf_counter() - t0
     c.loop_stop()
     c.disconnect()
@@ -97,7 +120,7 @@ async def drain(buffer: Buffer, port: int, inflight: int) -> float:
     while not up.connected:
         await asyncio.sleep(0.01)
     t0 = time.perf_counter()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + DRAIN_LIMIT
     while buffer.depth and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
@@ -108,37 +131,229 @@ async def drain(buffer: Buffer, port: int, inflight: int) -> float:
     return n / elapsed
 
 
+# ----- Sparkplug -----------------------------------------------------------------------------
+
+def _spb_tag(t: int) -> tuple[str, str, int]:
+    """(type, table, registers) of the t-th tag: mostly float32, some uint16 and coils."""
+    if t % 10 == 8:
+        return "uint16", "holding", 1
+    if t % 10 == 9:
+        return "bool", "coil", 1
+    return "float32", "holding", 2
+
+
+def spb_config(workdir: Path, port: int, devices: int, tags: int, inflight: int):
+    """A GatewayConfig with one `format: sparkplug` upstream and `devices` Modbus devices of
+    `tags` scalar tags each, written as YAML and read with `gateway.config.load`."""
+    lines = [
+        "gateway:", "  id: bench", f"  state_dir: {workdir}",
+        "upstreams:",
+        f"  - {{name: spb, host: 127.0.0.1, port: {port}, format: sparkplug, group_id: {SPB_GROUP},"
+        f" max_inflight: {inflight}}}",
+        "devices:",
+    ]
+    for d in range(devices):
+        lines += [f"  - name: dev{d}", "    driver: modbus", "    transport: tcp", "    host: 127.0.0.1",
+                  "    port: 5020", "    unit_id: 1", "    tags:"]
+        register = coil = 0
+        for t in range(tags):
+            type_, table, width = _spb_tag(t)
+            if table == "coil":
+                address, coil = coil, coil + 1
+            else:
+                address, register = register, register + width
+            lines.append(f"      - {{name: t{t}, table: {table}, address: {address}, type: {type_}}}")
+    path = workdir / "spb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return config_mod.load(path)
+
+
+def spb_fill(buffer: Buffer, cfg, rows: int) -> float:
+    """`rows` values/{device} rows (rows/s): poll rounds of every device, each value changed."""
+    reporter = ExceptionReporter(cfg.report_policy())
+    devices = [(d.name, [(f"{d.name}.{name}", r.type) for name, r in d.reporting().items()]) for d in cfg.devices]
+    made = 0
+    t0 = time.perf_counter()
+    for poll in range(rows):
+        if made >= rows:
+            break
+        ts = time.time()
+        samples = []
+        for _, tags in devices[:rows - made]:
+            for i, (source, type_) in enumerate(tags):
+                value = (poll + i) % 2 == 0 if type_ == "bool" else (poll + i) % 65536 if type_ == "uint16" \
+                    else 20.0 + 0.01 * poll + i
+                samples.append(Sample(source, value, ts, Quality.GOOD))
+        records = reporter.offer(samples)
+        buffer.append(records)
+        made += len(records)
+    elapsed = time.perf_counter() - t0
+    if buffer.depth != rows:
+        raise RuntimeError(f"sparkplug fill: {buffer.depth} rows in the buffer, {rows} wanted")
+    return rows / elapsed
+
+
+def spb_encode(buffer: Buffer, cfg, batch: int, repeat: int = 3) -> tuple[float, list[tuple[str, bytes]], int]:
+    """`SparkplugFormat.encode` alone over the buffered rows, fetched as the upstream does
+    (batches of `batch`, historical: they waited in the buffer), by a fresh format each time
+    (so each pass has its DBIRTHs too). Returns the best encode time of `repeat` passes, the
+    DDATA messages (topic, payload) and the metrics they carry."""
+    up = cfg.upstreams[0]
+    batches = []
+    cursor: dict[int, int] = {}
+    while True:
+        rows = buffer.fetch(cursor, batch, link=up.name)
+        if not rows:
+            break
+        for r in rows:
+            cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
+        batches.append(rows)
+    best = float("inf")
+    for _ in range(repeat):
+        fmt = SparkplugFormat(up, cfg, started_at=time.time())
+        fmt.will()
+        fmt.births()
+        out = []
+        t0 = time.perf_counter()
+        for rows in batches:
+            out.extend(fmt.encode(rows, True))
+        best = min(best, time.perf_counter() - t0)
+    ddata = fmt.topic("DDATA")
+    messages = [(m.topic, m.payload) for _, m in out if m.topic.startswith(ddata)]
+    metrics = sum(len(pb.Payload.FromString(body).metrics) for _, body in messages)
+    return best, messages, metrics
+
+
+class CountingFormat(SparkplugFormat):
+    """The real format; counts the DDATA messages (and bytes) it hands the upstream."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ddata_prefix = self.topic("DDATA")
+        self.ddata = 0
+        self.ddata_bytes = 0
+
+    def encode(self, rows, historical):
+        out = super().encode(rows, historical)
+        for _, m in out:
+            if m.topic.startswith(self.ddata_prefix):
+                self.ddata += 1
+                self.ddata_bytes += len(m.payload)
+        return out
+
+
+async def spb_drain(buffer: Buffer, cfg) -> tuple[float, CountingFormat, Upstream]:
+    up_cfg = cfg.upstreams[0]
+    fmt = CountingFormat(up_cfg, cfg, started_at=time.time())
+    names = [d.name for d in cfg.devices]
+    started: list[float] = []
+    # The clock starts in on_connected (after CONNACK and the NBIRTH, just before the pump's
+    # first fetch): polling `up.connected` from this task would only see it after the pump
+    # first yields, i.e. after a batch or two already went out (each batch costs ~0.2 s here).
+    up = Upstream(up_cfg, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix_of(up_cfg),
+                  client_id=cfg.client_id_of(up_cfg), started_at=time.time(), format=fmt,
+                  on_connected=lambda: started.append(time.perf_counter()),
+                  devices=lambda: dict.fromkeys(names, True))  # every device up, as after its first poll
+    task = asyncio.create_task(up.run())
+    deadline = time.monotonic() + DRAIN_LIMIT
+    while not started and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if not started:
+        raise RuntimeError(f"sparkplug drain: not connected after {DRAIN_LIMIT:.0f} s ({up.last_error})")
+    t0 = started[0]
+    while buffer.depth and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    if buffer.depth:
+        raise RuntimeError(f"sparkplug drain: {buffer.depth} rows left (connected: {up.connected})")
+    up.stop()
+    await task
+    return elapsed, fmt, up
+
+
+def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
+    work = tmp / "spb"
+    work.mkdir()
+    limit.phase("the Sparkplug configuration to load")
+    cfg = spb_config(work, port, args.spb_devices, args.spb_tags, args.inflight)
+    up_cfg = cfg.upstreams[0]
+    buffer = Buffer(work / "spb.db", cfg.gateway.id, durability=args.durability)
+    buffer.set_links([(up_cfg.name, SparkplugFormat.kinds)])
+    limit.phase("the buffer to take the Sparkplug values rows")
+    ingest = spb_fill(buffer, cfg, args.spb_rows)
+    limit.phase("SparkplugFormat.encode alone")
+    enc_s, messages, metrics = spb_encode(buffer, cfg, up_cfg.batch)
+    if not messages:
+        raise RuntimeError("sparkplug: encode made no DDATA")
+    limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
+    raw = raw_publish(port, messages, args.inflight, "raw-spb")
+    limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
+    elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg))
+    buffer.close()
+    if up.published != args.spb_rows or fmt.ddata != len(messages):
+        raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA"
+                           f" sent, {len(messages)} expected")
+    msgs_s = fmt.ddata / elapsed
+    size = sum(len(b) for _, b in messages) / len(messages)
+    return [
+        f"sparkplug           {args.spb_rows} values rows ({args.spb_devices} devices x {args.spb_tags} tags),"
+        f" {metrics:,} metrics in {len(messages)} DDATA of {size:,.0f} B avg, QoS 1, max_inflight {args.inflight}",
+        f"buffer ingest       {ingest:12,.0f} rows/s  (ExceptionReporter.offer, one poll of every device per append)",
+        f"encode alone        {enc_s / metrics * 1e6:12.2f} µs/metric  ({metrics / enc_s:,.0f} metrics/s,"
+        f" {len(messages) / enc_s:,.0f} DDATA/s; best of 3)",
+        f"raw paho publish    {raw:12,.0f} msgs/s  (the same DDATA payloads)",
+        f"gateway drain       {msgs_s:12,.0f} DDATA msgs/s  ({metrics / elapsed:,.0f} metrics/s,"
+        f" {fmt.ddata_bytes / len(messages):,.0f} B avg)",
+        f"ratio drain/raw     {msgs_s / raw:12.2f}  (target {SPB_TARGET})",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=20_000)
     ap.add_argument("--inflight", type=int, default=100)
     ap.add_argument("--durability", choices=["normal", "full"], default="normal")
     ap.add_argument("--limit", type=float, default=240.0, help="overall time limit, s")
+    ap.add_argument("--only", choices=["json", "sparkplug"], help="run one section (default: both)")
+    ap.add_argument("--spb-rows", type=int, default=2_000, help="sparkplug: values rows (one device poll each)")
+    ap.add_argument("--spb-devices", type=int, default=10)
+    ap.add_argument("--spb-tags", type=int, default=100, help="sparkplug: scalar tags per device")
     args = ap.parse_args()
+    if not (1 <= args.spb_rows <= 100_000 and 1 <= args.spb_devices <= 1000 and 1 <= args.spb_tags <= 2000
+            and 1 <= args.records <= 1_000_000):
+        ap.error("counts out of range: --records 1..1e6, --spb-rows 1..1e5, --spb-devices 1..1000, --spb-tags 1..2000")
     limit = TimeLimit("bench_forward", args.limit)
+    json_lines: list[str] = []
+    spb_lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         limit.phase("Mosquitto to start")
         proc, port = start_broker(Path(tmp))
         limit.child(proc)
         try:
-            buffer = Buffer(Path(tmp) / "bench.db", "bench", durability=args.durability)
-            limit.phase("the buffer to take the records")
-            ingest = fill(buffer, args.records)
-            size = len(buffer.fetch({}, 1)[0].payload)
-            limit.phase("raw paho QoS 1 publishes to be acknowledged")
-            raw = raw_paho(port, args.records, args.inflight)
-            limit.phase("the gateway upstream to drain the buffer")
-            gw = asyncio.run(drain(buffer, port, args.inflight))
+            if args.only in (None, "json"):
+                buffer = Buffer(Path(tmp) / "bench.db", "bench", durability=args.durability)
+                limit.phase("the buffer to take the records")
+                ingest = fill(buffer, args.records)
+                size = len(buffer.fetch({}, 1)[0].payload)
+                limit.phase("raw paho QoS 1 publishes to be acknowledged")
+                raw = raw_paho(port, args.records, args.inflight)
+                limit.phase("the gateway upstream to drain the buffer")
+                gw = asyncio.run(drain(buffer, port, args.inflight))
+                json_lines = [
+                    f"records             {args.records} x {size} B payload, QoS 1, max_inflight {args.inflight}",
+                    f"buffer ingest       {ingest:12,.0f} records/s  (batches of 500, durability {args.durability})",
+                    f"raw paho publish    {raw:12,.0f} records/s",
+                    f"gateway drain       {gw:12,.0f} records/s",
+                    f"ratio drain/raw     {gw / raw:12.2f}",
+                ]
+            if args.only in (None, "sparkplug"):
+                spb_lines = sparkplug(args, Path(tmp), port, limit)
             limit.phase("Mosquitto to stop")
         finally:
             proc.terminate()
             proc.wait()
     limit.done()
-    print(f"records             {args.records} x {size} B payload, QoS 1, max_inflight {args.inflight}")
-    print(f"buffer ingest       {ingest:12,.0f} records/s  (batches of 500, durability {args.durability})")
-    print(f"raw paho publish    {raw:12,.0f} records/s")
-    print(f"gateway drain       {gw:12,.0f} records/s")
-    print(f"ratio drain/raw     {gw / raw:12.2f}")
+    print("\n".join(json_lines + ([""] if json_lines and spb_lines else []) + spb_lines))
 
 
 if __name__ == "__main__":
