@@ -113,22 +113,33 @@ def fill(buffer: Buffer, n: int) -> float:
 
 async def drain(buffer: Buffer, port: int, inflight: int) -> float:
     cfg = UpstreamConfig(host="127.0.0.1", port=port, max_inflight=inflight)
-    up = Upstream(cfg, buffer, gateway_id="bench", topic_prefix="edge/bench", client_id="bench-gw",
-                  started_at=time.time())
     n = buffer.depth
+    elapsed = await timed_drain(buffer, lambda on_connected: Upstream(
+        cfg, buffer, gateway_id="bench", topic_prefix="edge/bench", client_id="bench-gw", started_at=time.time(),
+        on_connected=on_connected), "drain")
+    return n / elapsed
+
+
+async def timed_drain(buffer: Buffer, make_upstream, what: str) -> float:
+    """Seconds from the upstream's connect to an empty buffer. The clock starts in on_connected
+    (after CONNACK, just before the pump's first fetch): polling `up.connected` from this task
+    would only see it after the pump first yields, when a batch or two has already gone out."""
+    started: list[float] = []
+    up = make_upstream(lambda: started.append(time.perf_counter()))
     task = asyncio.create_task(up.run())
-    while not up.connected:
-        await asyncio.sleep(0.01)
-    t0 = time.perf_counter()
     deadline = time.monotonic() + DRAIN_LIMIT
+    while not started and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if not started:
+        raise RuntimeError(f"{what}: not connected after {DRAIN_LIMIT:.0f} s ({up.last_error})")
     while buffer.depth and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - started[0]
     if buffer.depth:
-        raise RuntimeError(f"drain: {buffer.depth} rows left")
+        raise RuntimeError(f"{what}: {buffer.depth} rows left (connected: {up.connected})")
     up.stop()
     await task
-    return n / elapsed
+    return elapsed
 
 
 # ----- Sparkplug -----------------------------------------------------------------------------
@@ -246,29 +257,17 @@ async def spb_drain(buffer: Buffer, cfg) -> tuple[float, CountingFormat, Upstrea
     up_cfg = cfg.upstreams[0]
     fmt = CountingFormat(up_cfg, cfg, started_at=time.time())
     names = [d.name for d in cfg.devices]
-    started: list[float] = []
-    # The clock starts in on_connected (after CONNACK and the NBIRTH, just before the pump's
-    # first fetch): polling `up.connected` from this task would only see it after the pump
-    # first yields, i.e. after a batch or two already went out (each batch costs ~0.2 s here).
-    up = Upstream(up_cfg, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix_of(up_cfg),
-                  client_id=cfg.client_id_of(up_cfg), started_at=time.time(), format=fmt,
-                  on_connected=lambda: started.append(time.perf_counter()),
-                  devices=lambda: dict.fromkeys(names, True))  # every device up, as after its first poll
-    task = asyncio.create_task(up.run())
-    deadline = time.monotonic() + DRAIN_LIMIT
-    while not started and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    if not started:
-        raise RuntimeError(f"sparkplug drain: not connected after {DRAIN_LIMIT:.0f} s ({up.last_error})")
-    t0 = started[0]
-    while buffer.depth and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - t0
-    if buffer.depth:
-        raise RuntimeError(f"sparkplug drain: {buffer.depth} rows left (connected: {up.connected})")
-    up.stop()
-    await task
-    return elapsed, fmt, up
+    made: list[Upstream] = []
+
+    def make(on_connected):
+        made.append(Upstream(up_cfg, buffer, gateway_id=cfg.gateway.id, topic_prefix=cfg.topic_prefix_of(up_cfg),
+                             client_id=cfg.client_id_of(up_cfg), started_at=time.time(), format=fmt,
+                             on_connected=on_connected,
+                             devices=lambda: dict.fromkeys(names, True)))  # every device up, as after its first poll
+        return made[0]
+
+    elapsed = await timed_drain(buffer, make, "sparkplug drain")
+    return elapsed, fmt, made[0]
 
 
 def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
