@@ -289,10 +289,13 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
     elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg))
     buffer.close()
-    if up.published != args.spb_rows or fmt.ddata != len(messages):
-        raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA"
-                           f" sent, {len(messages)} expected")
+    if up.published != args.spb_rows or not fmt.ddata:
+        raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA")
+    # The drain's fetches need not cut the rows where encode-alone did (its window of messages in
+    # flight decides), so it may send a few more, smaller DDATA: the ratio is of the time taken for
+    # the same rows and metrics.
     msgs_s = fmt.ddata / elapsed
+    raw_s = len(messages) / raw  # seconds raw paho took for all the payloads
     size = sum(len(b) for _, b in messages) / len(messages)
     return [
         f"sparkplug           {args.spb_rows} values rows ({args.spb_devices} devices x {args.spb_tags} tags),"
@@ -302,8 +305,8 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         f" {len(messages) / enc_s:,.0f} DDATA/s; best of 3)",
         f"raw paho publish    {raw:12,.0f} msgs/s  (the same DDATA payloads)",
         f"gateway drain       {msgs_s:12,.0f} DDATA msgs/s  ({metrics / elapsed:,.0f} metrics/s,"
-        f" {fmt.ddata_bytes / len(messages):,.0f} B avg)",
-        f"ratio drain/raw     {msgs_s / raw:12.2f}  (target {SPB_TARGET})",
+        f" {fmt.ddata} DDATA of {fmt.ddata_bytes / fmt.ddata:,.0f} B avg)",
+        f"ratio drain/raw     {raw_s / elapsed:12.2f}  (raw time / drain time for the same metrics; target {SPB_TARGET})",
     ]
 
 
