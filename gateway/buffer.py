@@ -137,6 +137,17 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted seqs as runs of consecutive numbers: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    out: list[tuple[int, int]] = []
+    for seq in seqs:
+        if out and seq <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], seq))
+        else:
+            out.append((seq, seq))
+    return out
+
+
 def encode(gateway_id: str, seq: int, record: Record) -> bytes:
     body = {"gateway": gateway_id, "seq": seq, "ts": iso_ts(record.ts), **record.payload}
     try:
@@ -801,31 +812,33 @@ class Buffer:
         single = len(self.links) == 1
         cleared = 0  # rows this link was owed and no longer is
         cleared_bytes = 0
-        freed: list[int] | None = None  # sizes of the rows deleted (None: all of `rows`, when single)
+        freed_rows = freed_bytes = 0  # rows deleted (multi-link; single: all of `rows` that were there)
+        # Acks arrive in publish order, so the seqs form a few runs: one statement step per run,
+        # not per row (each step lets the GIL go, and the MQTT network thread may keep it).
+        runs = _runs(sorted(r.seq for r in rows))
 
         def delete(conn: sqlite3.Connection) -> None:
-            nonlocal cleared, freed, cleared_bytes
+            nonlocal cleared, cleared_bytes, freed_rows, freed_bytes
             if single:
-                cleared = conn.executemany("DELETE FROM outbox WHERE seq=?", [(r.seq,) for r in rows]).rowcount
-                freed = None
+                cleared = conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", runs).rowcount
             else:
-                mask, gone, kept, freed = lk.mask, [], [], []
-                for i in range(0, len(rows), 500):
-                    part = [r.seq for r in rows[i:i + 500]]
-                    for seq, size, owed in conn.execute(
-                            f"SELECT seq, size, owed FROM outbox WHERE seq IN ({','.join('?' * len(part))})"
-                            " AND owed & ?", (*part, mask)):
-                        cleared_bytes += size
-                        if owed == mask:
-                            gone.append((seq,))
-                            freed.append(size)
-                        else:
-                            kept.append((owed & ~mask, seq))
-                conn.executemany("DELETE FROM outbox WHERE seq=?", gone)
-                conn.executemany("UPDATE outbox SET owed=? WHERE seq=?", kept)
-                cleared = len(gone) + len(kept)
+                mask = lk.mask
+                for lo, hi in runs:
+                    owed_n, owed_b, only_n, only_b = conn.execute(
+                        "SELECT COUNT(*), COALESCE(SUM(size),0), COALESCE(SUM(owed=?),0),"
+                        " COALESCE(SUM(CASE WHEN owed=? THEN size ELSE 0 END),0)"
+                        " FROM outbox WHERE seq BETWEEN ? AND ? AND owed & ?", (mask, mask, lo, hi, mask)).fetchone()
+                    cleared += owed_n
+                    cleared_bytes += owed_b
+                    freed_rows += only_n
+                    freed_bytes += only_b
+                conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ? AND owed=?",
+                                 [(lo, hi, mask) for lo, hi in runs])
+                conn.executemany("UPDATE outbox SET owed=owed & ? WHERE seq BETWEEN ? AND ? AND owed & ?",
+                                 [(~mask, lo, hi, mask) for lo, hi in runs])
             if self._deferred:
-                conn.executemany("DELETE FROM deferred WHERE bit=? AND seq=?", [(lk.bit, r.seq) for r in rows])
+                conn.executemany("DELETE FROM deferred WHERE bit=? AND seq BETWEEN ? AND ?",
+                                 [(lk.bit, lo, hi) for lo, hi in runs])
 
         if not self._write(delete):
             return  # the disk is full: the rows stay and are sent again (at least once)
@@ -839,9 +852,9 @@ class Buffer:
                 self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox").fetchone()
             deleted = cleared
         else:
-            self._bytes -= sum(freed or ())
-            self._depth -= len(freed or ())
-            deleted = len(freed or ())
+            self._bytes -= freed_bytes
+            self._depth -= freed_rows
+            deleted = freed_rows
         self._link_depth[lk.bit] -= cleared
         self._link_bytes[lk.bit] = self._bytes if single else self._link_bytes[lk.bit] - cleared_bytes
         self._link_oldest.pop(lk.bit, None)

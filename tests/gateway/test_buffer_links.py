@@ -202,3 +202,36 @@ def test_a_link_whose_kinds_change_gives_up_the_rows_it_no_longer_takes(tmp_path
     b = Buffer(path, "gw1")
     b.set_links([("a", JSON), ("b", SPB)])  # unchanged: the same claims
     assert b.link_depth("a") == 2 and b.link_depth("b") == 1
+
+
+@pytest.mark.parametrize("links", [[("only", JSON)], [("cloud", JSON), ("other", JSON)]])
+def test_acks_of_scattered_rows_remove_exactly_those(tmp_path, links):
+    """Acks go to SQLite as runs of consecutive seqs: gaps, repeats, rows acked out of order and
+    rows evicted meanwhile must each count once, and nothing else may go."""
+    import random
+
+    rnd = random.Random(7)
+    b = Buffer(tmp_path / "b.db", "gw1")
+    b.set_links(links)
+    first = links[0][0]
+    all_seqs = b.append([rec("data/p1", i) for i in range(300)])
+    acked: set[int] = set()
+    for _ in range(4):
+        rows = b.fetch({}, 300, link=first)
+        pick = [r for r in rows if rnd.random() < 0.25]
+        pick += pick[:3]  # a repeat
+        rnd.shuffle(pick)
+        b.ack(pick, link=first)
+        acked.update(r.seq for r in pick)
+        left = [r.seq for r in b.fetch({}, 300, link=first)]
+        assert left == [s for s in all_seqs if s not in acked]
+        assert b.link_depth(first) == len(left)
+    assert 100 < len(acked) < 300
+    if len(links) == 1:
+        assert b.depth == 300 - len(acked) and b.acked == len(acked)
+    else:  # still owed to the other link: nothing deleted, the other's view is whole
+        assert b.depth == 300 and seqs(b.fetch({}, 300, link="other")) == all_seqs
+        b.ack(b.fetch({}, 300, link="other"), link="other")
+        assert b.depth == 300 - len(acked) and b.bytes > 0
+        b.ack(b.fetch({}, 300, link=first), link=first)
+        assert b.depth == 0 and b.bytes == 0
