@@ -1,7 +1,8 @@
 """The repository is self-contained: nothing it runs reads a path outside the checkout.
 
-A stranger's clone has no `shared/` folder beside it and no parent folder of ours, so any such
-reference is a test, benchmark or demo that passes here and fails there."""
+A stranger's clone has none of the folders that sit beside ours, nor our parent folder, so any
+such reference is a test, benchmark or demo that passes here and fails there. The patterns below
+are assembled from parts, so that this file holds no such path itself."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tests.conftest import REPO
 SCANNED = ("tests", "bench", "gateway", "drivers", "rules")
 SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ini"}
 # Literal references that leave the repository, whatever the file's place in the tree.
-OUTSIDE = re.compile(r"\.\./shared|shared/data|\b(?:REPO|ROOT)\.parent\b|['\"]\.\.['\"]|['\"]\.\./")
+UP_DIR, SIBLING = "..", "shared"  # the parent folder, and the folder beside the checkout here
+OUTSIDE = re.compile("|".join([re.escape(f"{UP_DIR}/{SIBLING}"), re.escape(f"{SIBLING}/data"),
+                               r"\b(?:REPO|ROOT)\.parent\b", r"['\"]\.\.['\"]", r"['\"]\.\./"]))
 # Path(__file__)[.resolve()] followed by .parent / .parents[k] hops: count how far up it goes.
 UP = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?((?:\.parent(?!s)|\.parents\[\d+\])+)")
 
@@ -63,8 +66,8 @@ def test_the_scan_catches_what_it_is_for(tmp_path):
     bad.parent.mkdir(parents=True)
     lines = ['CWRU = Path(__file__).resolve().parents[2].parent / "data"',
              'CWRU = Path(__file__).resolve().parent.parent.parent.parent',
-             'DATA = "../shared/data/cwru"',
-             'X = REPO.parent / "shared"']
+             f'DATA = "{UP_DIR}/{SIBLING}/data/cwru"',
+             f'X = REPO.parent / "{SIBLING}"']
     bad.write_text("\n".join(lines) + "\nOK = Path(__file__).resolve().parents[2] / 'data'\n")
     import tests.test_self_contained as me
     old = me.REPO
