@@ -22,7 +22,7 @@ from gateway import __version__, config as config_mod, logs
 from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.aio import first_of
 from gateway.backoff import Backoff
-from gateway.buffer import VALUES, Buffer
+from gateway.buffer import VALUES, Buffer, takes
 from gateway.commands import COMMANDS, CommandRouter, RequestMemory
 from gateway.config import GatewayConfig
 from gateway.health import DeviceHealth, LoopLag, Notifier
@@ -70,7 +70,7 @@ class Pipeline:
             ))
         buffer.set_links([(u.name, u.format.kinds) for u in self.upstreams])
         # Per-tag values, reported by exception, only when an upstream takes them (Sparkplug).
-        wants_values = any(u.format.kinds is not None and VALUES in u.format.kinds for u in self.upstreams)
+        wants_values = any(takes(u.format.kinds, VALUES) for u in self.upstreams)
         self.reporter = ExceptionReporter(cfg.report_policy()) if wants_values else None
         self.upstream = self.upstreams[0]  # the one `health.upstream` and the metrics describe
         self.loop_lag = LoopLag()

@@ -39,6 +39,7 @@ import orjson
 
 from gateway import logs
 from gateway.model import Clock, Record, iso_ts
+from gateway.statelock import write_durably
 
 log = logs.get("gateway.buffer")
 
@@ -334,12 +335,7 @@ class Buffer:
         if upto <= self._seq_reserved:
             return
         mark = upto + SEQ_RESERVE
-        tmp = self._seq_file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(mark))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._seq_file)
+        write_durably(self._seq_file, str(mark))
         self._seq_reserved = mark
 
     def _tables(self) -> set[str]:

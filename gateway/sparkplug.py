@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,8 @@ import orjson
 from gateway import logs
 from gateway import sparkplug_pb as pb
 from gateway.buffer import VALUES, Row, row_kind
-from gateway.model import Quality, split_source
+from gateway.model import split_source
+from gateway.statelock import write_durably
 from gateway.upstream_format import Command, Inbound, Message
 
 log = logs.get("gateway.sparkplug")
@@ -62,6 +62,7 @@ TYPES = {"bool": pb.BOOLEAN, "int16": pb.INT16, "uint16": pb.UINT16, "int32": pb
 ALARM_RULE_TYPES = ("threshold", "iso10816", "rate", "stale")  # rule types that raise alarms
 COMPANION = ("threshold", "iso10816", "rate")  # ... and have a `.bad_input` companion alarm
 MAX_METRICS = 2000  # metrics per DDATA before another message starts
+BEARING_PARTS = ("hz", "amplitude", "snr_db")  # the metrics of one bearing defect line
 _NO_TS = object()  # no timestamp converted yet (encode's one-entry cache of _ms)
 
 
@@ -142,9 +143,7 @@ class SparkplugFormat:
         self.node_born = False  # NBIRTH sent on this connection
         self.born: set[str] = set()  # devices with a DBIRTH on this connection
         self.device_up: dict[str, bool] = {}
-        self._ever_up: set[str] = set()
-        self._gone: set[str] = set()  # devices that were up and are now disconnected
-        self._gone_at: dict[str, float] = {}  # ... since when (time.time() when we were told)
+        self._down_since: dict[str, float] = {}  # devices that were up and went down: when we were told
         self._aliases = _Aliases()
         self.node_metrics = _Set(self._aliases)
         self.node_metrics.declare(BDSEQ, pb.INT64)
@@ -168,7 +167,6 @@ class SparkplugFormat:
             metrics = self.devices.setdefault(device, _Set(self._aliases))
             for name, datatype in _feature_metric_names(a):
                 metrics.declare(name, datatype)
-        self.messages_sent = 0
 
     # ----- topics -----
 
@@ -185,13 +183,8 @@ class SparkplugFormat:
             return 255  # so that the first connection ever is bdSeq 0
 
     def _store_bdseq(self) -> None:
-        tmp = self._bdseq_file.with_suffix(".tmp")
         try:
-            with open(tmp, "w") as f:
-                f.write(str(self.bdseq))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._bdseq_file)
+            write_durably(self._bdseq_file, str(self.bdseq))
         except OSError as exc:
             log.warning("sparkplug.bdseq_not_saved", path=str(self._bdseq_file), error=str(exc),
                         hint="after a restart the bdSeq may repeat")
@@ -223,14 +216,12 @@ class SparkplugFormat:
         return [self._ndeath(qos=0)]
 
     def device_state(self, device: str, connected: bool) -> list[Message]:
+        was_up = self.device_up.get(device)
         self.device_up[device] = connected
         if connected:
-            self._gone.discard(device)
-        elif device in self._ever_up:
-            self._gone.add(device)  # was up, is down (not a device that has not connected yet)
-            self._gone_at[device] = time.time()
-        if connected:
-            self._ever_up.add(device)
+            self._down_since.pop(device, None)
+        elif was_up:  # went down (a device that has not connected yet has no death to tell)
+            self._down_since[device] = time.time()
         if not self.node_born:
             return []  # the births after the node's birth say it
         if connected and device not in self.born:
@@ -300,7 +291,6 @@ class SparkplugFormat:
         p.timestamp = _ms(time.time())
         p.seq = seq
         p.metrics.extend(metrics)
-        self.messages_sent += 1
         return Message(self.topic(kind, device), p.SerializeToString(), qos=qos, retain=False)
 
     def _declare_alarm(self, rule: str) -> None:
@@ -339,8 +329,9 @@ class SparkplugFormat:
                 points = _alarm_points(body)
             else:
                 continue  # a kind this format does not take (never fetched for it)
-            if device in self._gone and any(p[2] > self._gone_at[device] for p in points):
-                self._gone.discard(device)  # measured after it went: it is back (device_state says so later)
+            down_since = self._down_since.get(device)
+            if down_since is not None and any(p[2] > down_since for p in points):
+                del self._down_since[device]  # measured after it went: it is back (device_state says so later)
             metrics = self.node_metrics if device is None else self.devices.setdefault(device, _Set(self._aliases))
             if self._needs_birth(device, metrics, points):
                 flush(device)
@@ -360,7 +351,7 @@ class SparkplugFormat:
                 flush(device)
         for device in list(groups):
             flush(device)
-            if device is not None and device in self._gone and device in self.born:
+            if device in self._down_since and device in self.born:
                 out.append(([], self._ddeath(device)))  # late data of a device that is down
         return out
 
@@ -387,7 +378,7 @@ class SparkplugFormat:
         return [self._dbirth(device)]
 
     def _data_metric(self, add: Any, m: _Metric, value: Any, ts: float, ms: int, quality: str,
-                     historical: bool) -> Any:
+                     historical: bool) -> None:
         """A data metric, added with `add` (its Payload's `metrics.add`); `ms` is `_ms(ts)`."""
         pm = add(alias=m.alias, timestamp=ms)
         if historical:
@@ -398,7 +389,6 @@ class SparkplugFormat:
             pm.properties.keys.append("Quality")
             pm.properties.values.add(type=pb.INT32, int_value=code)
         m.value, m.ts, m.quality = value, ts, code
-        return pm
 
     # ----- incoming -----
 
@@ -484,7 +474,6 @@ def _decode(payload: bytes, metrics: _Set, upstream: str, what: str) -> tuple[li
     return out, stamp
 
 
-
 def _set_value(pm: Any, datatype: int, value: Any) -> None:
     if type(value) is float and (datatype == pb.DOUBLE or datatype == pb.FLOAT):
         wire = value  # what wire_value makes of it, without its checks (most values are these)
@@ -539,7 +528,7 @@ def _feature_metric_names(analysis: Any) -> list[tuple[str, int]]:
     if "envelope" in analysis.features and analysis.bearing is not None:
         out.append((f"{analysis.name}/bearing/shaft_hz", pb.DOUBLE))
         for d in analysis.bearing.orders:
-            for part in ("hz", "amplitude", "snr_db"):
+            for part in BEARING_PARTS:
                 out.append((f"{analysis.name}/bearing/{d}/{part}", pb.DOUBLE))
         out.append((f"{analysis.name}/bearing/dominant", pb.STRING))
     return out
@@ -558,7 +547,7 @@ def _feature_points(analysis: str, body: dict[str, Any]) -> list[tuple[str, Any,
     if isinstance(bearing, dict):
         for d, line in bearing.items():
             if isinstance(line, dict):
-                for part in ("hz", "amplitude", "snr_db"):
+                for part in BEARING_PARTS:
                     if part in line:
                         points.append((f"{analysis}/bearing/{d}/{part}", line[part], ts, quality))
             elif d in ("shaft_hz", "dominant"):

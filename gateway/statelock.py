@@ -24,6 +24,17 @@ class AlreadyRunning(Exception):
         super().__init__(f"{path} is locked by {holder}: an edge-gateway already runs on this state directory")
 
 
+def write_durably(path: Path, text: str) -> None:
+    """Replace a small state file so that a crash leaves the old or the new text, never a torn
+    one: write beside it, fsync, rename over it."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def acquire(state_dir: str | Path) -> int:
     """Take the lock and write our PID into the file; return the descriptor (keep it open).
 

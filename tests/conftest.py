@@ -159,18 +159,22 @@ class Collector:
         self.client.disconnect()
 
 
+def closing_factory(make):
+    """A fixture's body: yields `make`, and closes whatever it made when the test ends."""
+    made = []
+
+    def tracked(*args, **kw):
+        made.append(make(*args, **kw))
+        return made[-1]
+
+    yield tracked
+    for thing in made:
+        thing.close()
+
+
 @pytest.fixture
 def collector_factory():
-    made: list[Collector] = []
-
-    def make(broker, topics="#", qos=1) -> Collector:
-        c = Collector(broker.host, broker.port, topics, qos)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from closing_factory(lambda broker, topics="#", qos=1: Collector(broker.host, broker.port, topics, qos))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60, **kw) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import pytest
 from pysparkplug import _protobuf as sp_pb  # pysparkplug's generated classes: for fields it drops
 
 from drivers.sim.modbus import ModbusSimulator
-from tests.conftest import free_port
+from tests.conftest import closing_factory, free_port
 
 GROUP = "plant"
 NODE = "gw1"  # the gateway id is the edge node id
@@ -117,16 +117,7 @@ class SparkplugCollector:
 
 @pytest.fixture
 def sp_collector_factory():
-    made: list[SparkplugCollector] = []
-
-    def make(broker, **kw) -> SparkplugCollector:
-        c = SparkplugCollector(broker.port, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from closing_factory(lambda broker, **kw: SparkplugCollector(broker.port, **kw))
 
 
 # ----- decoding (pysparkplug) -----
