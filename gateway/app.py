@@ -51,7 +51,7 @@ class Pipeline:
         # Drivers put a Sample, a Waveform, or a list of Samples read together (one per request).
         self.queue: asyncio.Queue[Sample | Waveform | list[Sample]] = asyncio.Queue(QUEUE_SIZE)
         self.analytics = AnalyticsEngine(cfg.analyses, cfg.summaries, cfg.tag_units())
-        self.features = FeaturePool(self.analytics, self._route_features, workers=cfg.analytics.threads,
+        self.features = FeaturePool(self.analytics, self._route_features, workers=cfg.analytics.processes,
                                     capacity=cfg.analytics.queue, stop_bound=STOP_BOUND)
         self.rules = RuleEngine(cfg.rules, restored=buffer.load_state(), device_tags=cfg.device_tags())
         context = DriverContext()  # what this pipeline's drivers share (serial lines)
@@ -198,7 +198,7 @@ class Pipeline:
             if reportable:
                 records.extend(reporter.offer(reportable))
             if waveforms:
-                try:  # windows closing at once are computed together, in the worker threads
+                try:  # windows closing at once are computed together, in the worker processes
                     self.features.submit(self.analytics.assemble(waveforms))
                 except Exception:  # noqa: BLE001
                     log.exception("pipeline.waveforms_failed", sources=sorted({w.source for w in waveforms}))

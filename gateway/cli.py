@@ -97,7 +97,7 @@ def config_summary(cfg: GatewayConfig) -> str:
             lines.append(f"    {d.name:<16} writable: {', '.join(described) or 'none'}"
                          + (f"; methods: {', '.join(methods)}" if methods else ""))
     lines.append(f"  summaries every {cfg.summaries.interval:g}s -> {cfg.topic_prefix}/data/<device>")
-    lines.append(f"  analyses  {len(cfg.analyses)}, computed by {cfg.analytics.threads} worker thread(s), "
+    lines.append(f"  analyses  {len(cfg.analyses)}, computed by {cfg.analytics.processes} worker process(es), "
                  f"at most {cfg.analytics.queue} windows queued")
     for a in cfg.analyses:
         lines.append(f"    {a.name:<16} {a.input} window {a.window} -> {cfg.topic_prefix}/features/{a.name}")

@@ -31,11 +31,11 @@ def default_workers() -> int:
 class AnalyticsConfig(StrictModel):
     """How the feature computation runs (gateway.analytics.workers)."""
 
-    workers: int | None = Field(None, ge=1, le=64, description="threads computing features; null: the cores minus one, at least 1")
-    queue: int = Field(256, ge=1, le=1_000_000, description="windows handed to the threads and not yet done; when full the newest are dropped and counted")
+    workers: int | None = Field(None, ge=1, le=64, description="worker processes computing features; null: the cores minus one, at least 1")
+    queue: int = Field(256, ge=1, le=1_000_000, description="windows handed to the workers and not yet done; when full the newest are dropped and counted")
 
     @property
-    def threads(self) -> int:
+    def processes(self) -> int:
         return self.workers or default_workers()
 
 

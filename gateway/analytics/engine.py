@@ -42,9 +42,11 @@ def feature_names(analysis: AnalysisConfig) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """A window ready for `compute`, with what it needs from its stream at the time it closed."""
+    """A window ready for `compute`, with what it needs from its stream at the time it closed:
+    plain values only, so that it travels to a worker process cheaply (gateway.analytics.workers)."""
 
-    cfg: AnalysisConfig
+    analysis: str  # the analysis' name
+    input: str  # its input tag
     window: Window
     unit: str | None
     spec: FeatureSpec
@@ -73,14 +75,15 @@ class _Stream:
 
 class AnalyticsEngine:
     """See the module docstring. `jitter_s`: timestamp jitter of waveform blocks tolerated
-    before a gap starts a new window (WindowAssembler); `workers`: scipy.fft workers."""
+    before a gap starts a new window (WindowAssembler); `workers`: scipy.fft workers of
+    `compute` (the feature worker processes make their own FeatureComputer)."""
 
     def __init__(self, analyses: list[AnalysisConfig], summaries: SummariesConfig,
                  units: dict[str, str | None], *, jitter_s: float = 0.05,
                  workers: int | None = None) -> None:
         self._units = dict(units)
         self._workers = workers
-        self._plans = vibration.PlanCache() if analyses else None
+        self._computer: FeatureComputer | None = None  # made on first use: it needs NumPy
         self._streams: dict[str, list[_Stream]] = defaultdict(list)
         self._speed_tags: dict[str, str] = {}  # shaft_tag -> "rpm" | "hz"
         self._speeds: dict[str, float] = {}  # shaft_tag -> latest good speed in Hz
@@ -92,7 +95,7 @@ class AnalyticsEngine:
             if cfg.bearing is not None and cfg.bearing.shaft_tag:
                 self._speed_tags[cfg.bearing.shaft_tag] = cfg.bearing.shaft_tag_unit
         self._summaries = Summaries(summaries.interval, self._units)
-        # analysis -> problem seen with real data; written by `compute`, in worker threads too
+        # analysis -> problem seen with real data (by `compute` here, or by a worker process)
         self._runtime_problems: dict[str, str] = {}
         self._dropped: Counter[str] = Counter()  # analysis -> windows never computed
 
@@ -152,8 +155,8 @@ class AnalyticsEngine:
 
     def on_waveforms(self, blocks: Iterable[Waveform]) -> tuple[list[Record], list[Sample]]:
         """Several blocks at once, assembled and computed in the caller's thread (tests, bench,
-        check-config). The pipeline calls `assemble` on the event loop and leaves `compute` to
-        its worker threads (gateway.analytics.workers)."""
+        check-config). The pipeline calls `assemble` on the event loop and leaves the computing
+        to its worker processes (gateway.analytics.workers)."""
         return self.compute(self.assemble(blocks))
 
     def assemble(self, blocks: Iterable[Waveform]) -> list[Closed]:
@@ -166,41 +169,29 @@ class AnalyticsEngine:
                 seen = len(st.assembler.restarts)
                 for win in st.assembler.push(w.samples, w.ts, w.sample_rate, w.quality, w.restart):
                     st.windows += 1
-                    done.append(Closed(st.cfg, win, unit, st.spec_for(unit), self._shaft_hz(st.cfg)))
+                    done.append(Closed(st.cfg.name, st.cfg.input, win, unit, st.spec_for(unit),
+                                       self._shaft_hz(st.cfg)))
                 if len(st.assembler.restarts) > seen:  # a cause not seen before on this stream
                     self._log_restart(st)
         return done
 
     def compute(self, windows: list[Closed]) -> tuple[list[Record], list[Sample]]:
-        """Features of assembled windows, in their order. Safe in any thread: windows of different
-        tags that share window length, sample rate and feature spec are computed in one batch."""
-        if not windows:
-            return [], []
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, c in enumerate(windows):
-            groups[(c.spec, len(c.window.samples), c.window.sample_rate)].append(i)
-        results: list[Features | None] = [None] * len(windows)
-        assert self._plans is not None  # windows exist only where analyses do
-        for (spec, n, fs), idx in groups.items():
-            plan = self._plans.get(spec, n, fs)
-            if plan.problem:
-                for i in idx:
-                    self._runtime_problems.setdefault(windows[i].cfg.name, plan.problem)
-            X = np.stack([windows[i].window.samples for i in idx]) if len(idx) > 1 else windows[idx[0]].window.samples[None, :]
-            for i, feats in zip(idx, vibration.analyse(X, plan, [windows[i].shaft_hz for i in idx], self._workers)):
-                results[i] = feats
-        records: list[Record] = []
-        samples: list[Sample] = []
-        for c, feats in zip(windows, results):
-            rec, smp = self._outputs(c.cfg, c.window, c.unit, feats)
-            records.append(rec)
-            samples.extend(smp)
+        """Features of assembled windows, in their order, computed in the caller's thread."""
+        if self._computer is None:
+            self._computer = FeatureComputer(self._workers)
+        records, samples, problems = self._computer.compute(windows)
+        self.note_problems(problems)
         return records, samples
 
-    def count_dropped(self, windows: Iterable[Closed]) -> None:
-        """Windows assembled but never computed (a full worker queue, a stop): for health."""
-        for c in windows:
-            self._dropped[c.cfg.name] += 1
+    def note_problems(self, problems: dict[str, str]) -> None:
+        """Problems `FeatureComputer.compute` found with real data (in this process or a worker's)."""
+        for name, text in problems.items():
+            self._runtime_problems.setdefault(name, text)
+
+    def count_dropped(self, analyses: Iterable[str]) -> None:
+        """Windows (one analysis name each) assembled but never computed (a full worker queue, a
+        stop, a worker that died): for health."""
+        self._dropped.update(analyses)
 
     @staticmethod
     def _log_restart(st: _Stream) -> None:
@@ -220,11 +211,48 @@ class AnalyticsEngine:
             return float(b.shaft_hz)
         return self._speeds.get(b.shaft_tag or "")
 
-    def _outputs(self, cfg: AnalysisConfig, win: Window, unit: str | None,
-                 feats: Features) -> tuple[Record, list[Sample]]:
+
+class FeatureComputer:
+    """The features of closed windows: no stream state, no I/O, so it runs anywhere -- in the
+    caller's thread (`AnalyticsEngine.compute`) or in a worker process (gateway.analytics.workers).
+    `workers`: scipy.fft workers per FFT batch."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._workers = workers
+        self._plans = vibration.PlanCache()
+
+    def compute(self, windows: list[Closed]) -> tuple[list[Record], list[Sample], dict[str, str]]:
+        """Records and rule samples in window order, and the problems real data showed (analysis
+        -> text, e.g. an envelope band above Nyquist). Windows that share window length, sample
+        rate and feature spec are computed in one batch."""
+        if not windows:
+            return [], [], {}
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, c in enumerate(windows):
+            groups[(c.spec, len(c.window.samples), c.window.sample_rate)].append(i)
+        results: list[Features | None] = [None] * len(windows)
+        problems: dict[str, str] = {}
+        for (spec, n, fs), idx in groups.items():
+            plan = self._plans.get(spec, n, fs)
+            if plan.problem:
+                for i in idx:
+                    problems.setdefault(windows[i].analysis, plan.problem)
+            X = np.stack([windows[i].window.samples for i in idx]) if len(idx) > 1 else windows[idx[0]].window.samples[None, :]
+            for i, feats in zip(idx, vibration.analyse(X, plan, [windows[i].shaft_hz for i in idx], self._workers)):
+                results[i] = feats
+        records: list[Record] = []
+        samples: list[Sample] = []
+        for c, feats in zip(windows, results):
+            rec, smp = self._outputs(c, feats)
+            records.append(rec)
+            samples.extend(smp)
+        return records, samples, problems
+
+    def _outputs(self, c: Closed, feats: Features) -> tuple[Record, list[Sample]]:
+        win, unit = c.window, c.unit
         payload: dict[str, Any] = {
-            "analysis": cfg.name,
-            "input": cfg.input,
+            "analysis": c.analysis,
+            "input": c.input,
             "unit": unit,
             "quality": win.quality.value,
             "samples": len(win.samples),
@@ -233,9 +261,9 @@ class AnalyticsEngine:
             "duration_s": len(win.samples) / float(win.sample_rate),
             **feats.to_payload(),
         }
-        record = Record(topic=f"features/{cfg.name}", payload=payload, ts=win.ts, kind="features")
+        record = Record(topic=f"features/{c.analysis}", payload=payload, ts=win.ts, kind="features")
         units = {"rms": unit, "peak": unit, "peak_to_peak": unit, "velocity_rms": "mm/s"}
-        samples = [self._sample(source_of(cfg.name, name), value, win, units.get(name))
+        samples = [self._sample(source_of(c.analysis, name), value, win, units.get(name))
                    for name, value in feats.scalars()]
         bearing = feats.bearing
         if bearing is not None:
@@ -243,8 +271,8 @@ class AnalyticsEngine:
             for d in vibration.DEFECTS:
                 if d in bearing.names:
                     i = bearing.names.index(d)
-                    samples.append(self._sample(source_of(cfg.name, f"bearing.{d}"), bearing.amplitude[i], win, sq))
-                    samples.append(self._sample(source_of(cfg.name, f"bearing.{d}.snr_db"), bearing.snr_db[i][0], win, "dB"))
+                    samples.append(self._sample(source_of(c.analysis, f"bearing.{d}"), bearing.amplitude[i], win, sq))
+                    samples.append(self._sample(source_of(c.analysis, f"bearing.{d}.snr_db"), bearing.snr_db[i][0], win, "dB"))
         return record, samples
 
     @staticmethod

@@ -1,10 +1,10 @@
 """The pipeline with its feature pool: into a real SQLite buffer in measurement order per stream,
-and a stop with windows still queued that ends within the bound, no worker thread left."""
+and a stop with windows still queued that ends within the bound, no worker process left."""
 
 from __future__ import annotations
 
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -39,22 +39,26 @@ def blocks(window: int, windows_each: int, bursts: int) -> list[Waveform]:
     return [Waveform(f"m.t{i}", x, FS, 1000.0 + k * step, unit="g") for k in range(bursts) for i in range(STREAMS)]
 
 
-def pool_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("analytics.worker")]
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
 
 
 async def test_feature_records_enter_the_buffer_in_measurement_order_per_stream(tmp_path, mosquitto):
     window, each, bursts = 4096, 6, 5
     async with running_gateway(tmp_path, config(tmp_path, mosquitto, window, queue=10_000)) as app:
-        assert await until(lambda: len(pool_threads()) == 2, 10)
+        assert await until(lambda: app.pipeline is not None, 10)
+        assert app.pipeline.features.pids() == []  # started with the first window
         for w in blocks(window, each, bursts):
             await app.pipeline.queue.put(w)
         total = STREAMS * each * bursts
         assert await until(lambda: sum(a["windows"] for a in app.pipeline.analytics.stats().values()) == total
                            and app.pipeline.features.in_flight == 0, 60)
         health = app.pipeline.health_payload()
-    assert pool_threads() == []
-    assert health["analytics"] == {"workers": 2, "capacity": 10_000, "in_flight": 0, "dropped_windows": 0}
+        pids = app.pipeline.features.pids()
+    assert len(pids) == 2 and await until(lambda: alive(pids) == [], 5)
+    assert health["analytics"] == {"workers": 2, "capacity": 10_000, "in_flight": 0, "dropped_windows": 0,
+                                   "restarts": 0}
     buffer = Buffer(tmp_path / "state" / "buffer.db", "gw1")
     try:
         rows = [r for r in buffer.dump() if r["kind"] == "features"]
@@ -66,18 +70,19 @@ async def test_feature_records_enter_the_buffer_in_measurement_order_per_stream(
         assert len(starts) == each * bursts and starts == sorted(starts) and len(set(starts)) == len(starts)
 
 
-async def test_stop_with_windows_queued_ends_within_the_bound_and_joins_the_threads(tmp_path, mosquitto):
+async def test_stop_with_windows_queued_ends_within_the_bound_and_ends_the_workers(tmp_path, mosquitto):
     window, each, bursts = 65536, 10, 3  # 120 large windows: seconds of work on a busy machine
     total = STREAMS * each * bursts
     async with running_gateway(tmp_path, config(tmp_path, mosquitto, window, queue=10_000)) as app:
-        assert await until(lambda: len(pool_threads()) == 2, 10)
+        assert await until(lambda: app.pipeline is not None, 10)
         pipeline = app.pipeline
         for w in blocks(window, each, bursts):
             await pipeline.queue.put(w)
-        assert await until(lambda: pipeline.features.in_flight > 0, 10)
+        assert await until(lambda: pipeline.features.in_flight > 0 and len(pipeline.features.pids()) == 2, 10)
+        pids = pipeline.features.pids()
         t0 = time.monotonic()
         app.request_stop()
-        assert await until(lambda: not pool_threads(), 2 * STOP_BOUND + 2.0)
+        assert await until(lambda: not alive(pids), 2 * STOP_BOUND + 2.0)
         took = time.monotonic() - t0
     # the bound for the queued windows, plus the jobs running at that moment and the rest of the stop
     assert took < STOP_BOUND + 2.0, took
