@@ -112,12 +112,19 @@ class ModbusTag(WritePermission, Reported):
         return self.stride or self.width
 
     def expanded(self) -> list["ModbusTag"]:
-        """A range as its tags `{name}_{i}`, i from 0, at consecutive addresses; any other tag: itself."""
+        """A range as its tags `{name}_{i}`, i from 0, at consecutive addresses; any other tag: itself.
+
+        Built with `model_construct` (the range itself was validated, and so its last tag) and one
+        fields-set shared by the range's tags: a range of thousands of registers is thousands of
+        models, and `model_copy(update=...)` gave each its own grown set (about 1.4 KB a tag
+        instead of about 0.65 KB)."""
         if not self.is_range:
             return [self]
         assert self.count is not None
-        return [self.model_copy(update={"name": f"{self.name}_{i}", "address": self.address + i * self.step,
-                                        "count": None, "stride": None})
+        fields = {**self.__dict__, "count": None, "stride": None}
+        fields_set = (self.model_fields_set - {"count", "stride"}) | {"name", "address"}
+        construct = type(self).model_construct
+        return [construct(fields_set, **{**fields, "name": f"{self.name}_{i}", "address": self.address + i * self.step})
                 for i in range(self.count)]
 
     @property

@@ -231,11 +231,17 @@ class Pipeline:
         while True:
             # Align to the wall clock so that intervals of several gateways line up.
             await asyncio.sleep(interval - (time.time() % interval))
-            records = self.analytics.flush_summaries(time.time())
-            for r in records:
-                extra = self.rules.take_summary_fields(r.payload.get("device", r.topic.rsplit("/", 1)[-1]))
-                r.payload.update(extra)
-            self._store(records)
+            self._flush_summaries()
+
+    def _flush_summaries(self) -> None:
+        """The interval's summary records into the buffer. A function of its own, so that the
+        records (a dict per tag: thousands for a large device) are freed once stored instead
+        of living on in the loop's frame until the next interval's are made."""
+        records = self.analytics.flush_summaries(time.time())
+        for r in records:
+            extra = self.rules.take_summary_fields(r.payload.get("device", r.topic.rsplit("/", 1)[-1]))
+            r.payload.update(extra)
+        self._store(records)
 
     async def _health_loop(self) -> None:
         while True:

@@ -156,6 +156,12 @@ def test_a_range_is_numbered_tags_at_consecutive_addresses():
     assert cfg.tags[-1].width == 4 and cfg.tag_names()[0] == "temp_0" and len(cfg.tag_names()) == 8
     assert [len(r.tags) for r in plan_reads(cfg.tags)] == [2, 3, 3]  # coils 5..6; holding 10..15; 100..105
 
+    # built without validation, yet the same models as the tags written out one by one
+    written = ModbusConfig(name="p", driver="modbus", tags=[
+        {"name": f"temp_{i}", "address": 100 + 2 * i, "type": "float32", "unit": "degC", "scale": 0.5} for i in range(3)])
+    assert [t.model_dump() for t in cfg.tags[:3]] == [t.model_dump() for t in written.tags]
+    assert cfg.tags[0].model_fields_set == {"name", "address", "type", "unit", "scale"}
+
     def problem(tags) -> str:
         with pytest.raises(ValidationError) as err:
             ModbusConfig(name="p", driver="modbus", tags=tags)

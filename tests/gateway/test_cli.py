@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -64,6 +65,15 @@ def test_buffer_stats_and_dump(tmp_path):
     rows = [json.loads(line) for line in dump.stdout.splitlines()]
     assert [r["topic"] for r in rows] == ["alarms/r", "data/a"] and rows[0]["retain"] is True
     assert rows[1]["payload"]["seq"] == 1 and rows[1]["payload"]["gateway"] == "gw1"
+
+
+def test_run_fixes_the_mmap_threshold_unless_the_environment_sets_one(monkeypatch):
+    from gateway import cli
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert cli.fix_mmap_threshold() is False  # the operator's setting rules
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert cli.fix_mmap_threshold() is (sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()))
 
 
 def test_version():
