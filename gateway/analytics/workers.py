@@ -22,6 +22,8 @@ How the work travels, and why:
   in the pool, in order.
 - BLAS runs one thread per worker (BLAS_THREADS): OpenBLAS' own threads, one per core in every
   worker, measured 4x slower.
+- Workers run at a lower CPU priority (WORKER_NICE): when the machine is busy, polling, MQTT
+  keepalives and health win over features, whose losses are counted, never the other way round.
 
 Bound and drop policy: at most `capacity` windows are in flight (handed over, not yet routed).
 A window that finds the pool full is dropped -- the newest go, the windows already queued keep
@@ -77,6 +79,7 @@ AHEAD = 4  # jobs sent to a worker before it has answered (a few kB each: far be
 MIN_BLOCK = 4096  # samples of the smallest shared-memory block
 PRELOAD = ["gateway.analytics.workers", "gateway.analytics.vibration"]  # imported once, in the fork server
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+WORKER_NICE = 5  # added to the workers' nice value
 
 Deliver = Callable[[list[Record], list[Sample]], None]
 SKIPPED = "skipped"  # a job's outcome when it was not started before the stop bound
@@ -394,6 +397,7 @@ def _serve(conn: Connection) -> None:
     or a SIGTERM meant for the gateway must not kill it in the middle of a job: the pool ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(WORKER_NICE)
     computer = FeatureComputer()
     mapped: dict[str, tuple[SharedMemory, Any]] = {}  # block name -> the block, as samples
     queue: collections.deque = collections.deque()
