@@ -201,8 +201,14 @@ class FeaturePool:
                 return
             n, job = self._waiting.popleft()
             block = self._held[n] = self._blocks.take(sum(c.samples for c in job))
+            try:
+                w.conn.send((n, block.name, _pack(job, block)))
+            except OSError as exc:  # it died since its last answer: this job waits for the next worker
+                self._blocks.give(self._held.pop(n))
+                self._waiting.appendleft((n, job))
+                self._worker_gone(w, exc)
+                continue
             w.jobs.append(n)
-            w.conn.send((n, block.name, _pack(job, block)))
 
     def _start_workers(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -245,6 +251,8 @@ class FeaturePool:
         self._ready[n] = outcome
 
     def _worker_gone(self, w: _Worker, exc: BaseException) -> None:
+        if w.conn.closed:
+            return  # already seen
         self._loop.remove_reader(w.conn.fileno())
         w.conn.close()
         w.process.join(timeout=1.0)
