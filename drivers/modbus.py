@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import struct
 import time
@@ -635,12 +636,17 @@ class ModbusDriver:
         self.health.extra["requests_per_poll"] = len(self.plan)
         if config.transport == "tcp":
             self.health.extra["max_outstanding"] = config.max_outstanding
-        self._sources = {t.name: source_of(config.name, t.name) for t in config.tags}
-        # per request of the plan (keyed by the object): (source, unit) of its tags, in tag order
-        self._outputs = {id(r): [(self._sources[t.name], t.unit) for t, _ in r.tags] for r in self.plan}
+        # per request of the plan (keyed by the object): the sources and the units of its tags, in
+        # tag order (two lists, not a pair per tag: thousands of tags are thousands of tuples)
+        self._outputs = {id(r): ([source_of(config.name, t.name) for t, _ in r.tags], [t.unit for t, _ in r.tags])
+                         for r in self.plan}
         self._bad_tags: set[str] = set()  # so that healthy polls skip the health bookkeeping
         self._live: TcpLink | SerialBus | None = None  # the open link, while a session runs
-        self._tags = {t.name: t for t in config.tags}
+
+    @functools.cached_property
+    def _tags(self) -> dict[str, Any]:
+        """Tag name -> tag, for writes: made by the first one (most gateways never write)."""
+        return {t.name: t for t in self.config.tags}
 
     async def run(self, emit: Emit) -> None:
         await supervise(lambda: self._session(emit), self.health, self.config.reconnect_min,
@@ -758,21 +764,23 @@ class ModbusDriver:
             values = request.block_values(outcome)
             if values is not None:  # the usual case: one hand-over per request, no per-tag work
                 good = Quality.GOOD
+                sources, units = self._outputs[id(request)]
                 await emit([Sample(source, value, now, good, unit)
-                            for (source, unit), value in zip(self._outputs[id(request)], values)])
+                            for source, unit, value in zip(sources, units, values)])
                 return
-        decoded = decode_request(request, outcome)
+        decoded = decode_request(request, outcome)  # in tag order, as the sources
+        sources, units = self._outputs[id(request)]
         if self._bad_tags or any(problem is not None for _, _, problem in decoded):
-            await self._emit_checked(decoded, now, emit)
+            await self._emit_checked(decoded, sources, now, emit)
         else:  # the usual case: one hand-over per request, no per-tag bookkeeping
-            sources, good = self._sources, Quality.GOOD
-            await emit([Sample(sources[tag.name], value, now, good, tag.unit) for tag, value, _ in decoded])
+            good = Quality.GOOD
+            await emit([Sample(source, value, now, good, unit)
+                        for source, unit, (_, value, _) in zip(sources, units, decoded)])
 
-    async def _emit_checked(self, decoded: list[tuple[ModbusTag, Any, str | None]], now: float, emit: Emit) -> None:
-        """Tag by tag, counting a tag's problems in health and its recovery."""
-        sources = self._sources
-        for tag, value, problem in decoded:
-            source = sources[tag.name]
+    async def _emit_checked(self, decoded: list[tuple[ModbusTag, Any, str | None]], sources: list[str], now: float,
+                            emit: Emit) -> None:
+        """Tag by tag (`sources` in the same order), counting a tag's problems in health and its recovery."""
+        for source, (tag, value, problem) in zip(sources, decoded):
             if problem is not None:
                 self._bad_tags.add(tag.name)
                 self.health.bad_value(problem, key=f"tag:{tag.name}")
