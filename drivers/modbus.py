@@ -13,7 +13,7 @@ import functools
 import math
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -364,20 +364,31 @@ def compile_decoder(tag: ModbusTag, off: int) -> TagDecoder:
     return lambda values, be, le: raw(values, be, le) * scale + offset
 
 
+@functools.lru_cache(maxsize=256)
+def _shared_struct(fmt: str) -> struct.Struct:
+    """One Struct per format: the requests of a range have the same (about 4 KB for 125 registers)."""
+    return struct.Struct(fmt)
+
+
 @dataclass
 class ReadRequest:
-    """One read request and the tags it serves, each at an offset into the response."""
+    """One read request and the tags it serves, each at its offset into the response, its address
+    less the request's (`placed`; not kept as a pair per tag: thousands of tags, thousands of tuples)."""
 
     table: Table
     address: int
     count: int
-    tags: list[tuple[ModbusTag, int]] = field(default_factory=list)
+    tags: list[ModbusTag] = field(default_factory=list)
     _decoders: list[tuple[ModbusTag, TagDecoder, bool]] | None = field(default=None, repr=False, compare=False)
     _block: Any = field(default=None, repr=False, compare=False)  # see block_values; False: not possible
 
     @property
     def end(self) -> int:
         return self.address + self.count
+
+    def placed(self) -> Iterator[tuple[ModbusTag, int]]:
+        """(tag, its register or bit offset into the response), in tag order."""
+        return ((tag, tag.address - self.address) for tag in self.tags)
 
     def block_values(self, values: Sequence[int]) -> list[Any] | None:
         """Every tag's value (scale and offset applied) from one `struct.unpack_from` over the
@@ -403,12 +414,12 @@ class ReadRequest:
     def _plan_block(self) -> Any:
         if self.table in _BIT_TABLES or not self.tags:
             return False
-        orders = {tag.byte_order for tag, _ in self.tags}
-        if len(orders) != 1 or any(tag.type == "string" or tag.word_order != "big" for tag, _ in self.tags):
+        orders = {tag.byte_order for tag in self.tags}
+        if len(orders) != 1 or any(tag.type == "string" or tag.word_order != "big" for tag in self.tags):
             return False
         fmt, pos = [">"], 0
         scaled, floats = [], []
-        for i, (tag, off) in enumerate(self.tags):
+        for i, (tag, off) in enumerate(self.placed()):
             if off < pos:
                 return False  # overlapping tags (a register read as two types)
             code, width = _FORMATS[tag.type]
@@ -418,12 +429,12 @@ class ReadRequest:
                 scaled.append((i, tag.scale, tag.offset))
             if tag.type in ("float32", "float64"):
                 floats.append(i)
-        return struct.Struct("".join(fmt)).unpack_from, orders == {"little"}, scaled, floats
+        return _shared_struct("".join(fmt)).unpack_from, orders == {"little"}, scaled, floats
 
     def decoders(self) -> list[tuple[ModbusTag, TagDecoder, bool]]:
         if self._decoders is None:
             self._decoders = [(tag, compile_decoder(tag, off), tag.type in ("float32", "float64"))
-                              for tag, off in self.tags]
+                              for tag, off in self.placed()]
         return self._decoders
 
 
@@ -447,7 +458,7 @@ def plan_reads(tags: Sequence[ModbusTag], *, max_gap: int = 8, max_bit_gap: int 
             else:
                 current = ReadRequest(table, tag.address, tag.width)
                 requests.append(current)
-            current.tags.append((tag, tag.address - current.address))
+            current.tags.append(tag)
     return requests
 
 
@@ -638,7 +649,7 @@ class ModbusDriver:
             self.health.extra["max_outstanding"] = config.max_outstanding
         # per request of the plan (keyed by the object): the sources and the units of its tags, in
         # tag order (two lists, not a pair per tag: thousands of tags are thousands of tuples)
-        self._outputs = {id(r): ([source_of(config.name, t.name) for t, _ in r.tags], [t.unit for t, _ in r.tags])
+        self._outputs = {id(r): ([source_of(config.name, t.name) for t in r.tags], [t.unit for t in r.tags])
                          for r in self.plan}
         self._bad_tags: set[str] = set()  # so that healthy polls skip the health bookkeeping
         self._live: TcpLink | SerialBus | None = None  # the open link, while a session runs
@@ -753,7 +764,7 @@ class ModbusDriver:
         """One request's answer (the registers or bits) or its ModbusError: samples and health."""
         if isinstance(outcome, ModbusError):
             self.health.bad_value(str(outcome), key=f"read:{request.table}@{request.address}")
-            await mark_bad(self.config, emit, [tag.name for tag, _ in request.tags])
+            await mark_bad(self.config, emit, [tag.name for tag in request.tags])
             if isinstance(outcome, NoAnswer):
                 self.health.error(outcome)
             return
@@ -826,7 +837,7 @@ class ModbusDriver:
             raise WriteFailed(f"device refused the write of {tag_name}: exception code {response.exception_code}")
         if not tag.verify:
             return None
-        request = ReadRequest(tag.table, tag.address, tag.width, [(tag, 0)])
+        request = ReadRequest(tag.table, tag.address, tag.width, [tag])
 
         async def read(client: Any) -> Any:
             return await getattr(client, _READS[tag.table])(tag.address, count=tag.width, device_id=unit)

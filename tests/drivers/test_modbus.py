@@ -101,11 +101,11 @@ tags_strategy = st.lists(
 @settings(max_examples=200, deadline=None)
 def test_plan_covers_every_tag_within_limits(tags, gap, limit):
     plan = plan_reads(tags, max_gap=gap, max_registers=limit)
-    served = sorted(id(tag) for request in plan for tag, _ in request.tags)
+    served = sorted(id(tag) for request in plan for tag in request.tags)
     assert served == sorted(id(t) for t in tags)
     for request in plan:
         assert 1 <= request.count <= limit
-        for tag, off in request.tags:
+        for tag, off in request.placed():
             assert request.address + off == tag.address and off + tag.width <= request.count
     # no two requests of the table could have been merged
     for a, b in zip(plan, plan[1:]):
@@ -395,7 +395,7 @@ def test_compiled_decoder_matches_the_reference_decoder(case, off, filler):
     response = filler[:off] + regs + filler[off:]
     tag = ModbusTag(name="x", address=10 + off, type=type_, byte_order=byte_order, word_order=word_order,
                     scale=2.0 if type_ == "int16" else 1.0)
-    request = ReadRequest("holding", 10, len(response), [(tag, off)])
+    request = ReadRequest("holding", 10, len(response), [tag])
     [(_, decoded, problem)] = decode_request(request, response)
     expected = reference_decode(regs, type_, byte_order, word_order)
     assert problem is None and decoded == (expected * 2.0 if type_ == "int16" else expected)
