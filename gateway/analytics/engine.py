@@ -81,7 +81,10 @@ class AnalyticsEngine:
     def __init__(self, analyses: list[AnalysisConfig], summaries: SummariesConfig,
                  units: dict[str, str | None], *, jitter_s: float = 0.05,
                  workers: int | None = None) -> None:
-        self._units = dict(units)
+        # Only the tags that have a unit: every lookup has a default (None here; in Summaries the
+        # sample's own unit, which the drivers take from the same config), and a table of every
+        # tag was about 80 bytes a tag for nothing.
+        self._units = {source: unit for source, unit in units.items() if unit is not None}
         self._workers = workers
         self._computer: FeatureComputer | None = None  # made on first use: it needs NumPy
         self._streams: dict[str, list[_Stream]] = defaultdict(list)

@@ -153,7 +153,6 @@ class Summaries:
         self.interval = float(interval)
         self._units = units or {}
         self._stats: dict[str, TagStats] = {}  # source -> this interval's stats, in arrival order
-        self._names: dict[str, tuple[str, str]] = {}  # source -> (device, tag), split once
         self._start: float | None = None
 
     def add(self, s: Sample) -> None:
@@ -179,8 +178,6 @@ class Summaries:
     def _new(self, s: Sample) -> TagStats:
         if self._start is None:
             self._start = math.floor(s.ts / self.interval) * self.interval
-        if s.source not in self._names:
-            self._names[s.source] = split_source(s.source)
         st = self._stats[s.source] = TagStats(self._units.get(s.source, s.unit))
         return st
 
@@ -188,7 +185,7 @@ class Summaries:
         start = self._start if self._start is not None else now - self.interval
         devices: dict[str, dict[str, Any]] = {}
         for source, st in self._stats.items():
-            device, tag = self._names[source]
+            device, tag = split_source(source)  # once per tag and interval: no table of the halves kept
             devices.setdefault(device, {})[tag] = st.payload()
         records = [
             Record(topic=f"data/{device}", kind="data", ts=start,

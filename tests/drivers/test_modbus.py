@@ -18,6 +18,7 @@ from drivers.modbus import (
     ModbusConfig,
     ModbusDriver,
     ModbusTag,
+    RangeTag,
     decode,
     encode,
     plan_reads,
@@ -100,11 +101,11 @@ tags_strategy = st.lists(
 @settings(max_examples=200, deadline=None)
 def test_plan_covers_every_tag_within_limits(tags, gap, limit):
     plan = plan_reads(tags, max_gap=gap, max_registers=limit)
-    served = sorted(id(tag) for request in plan for tag, _ in request.tags)
+    served = sorted(id(tag) for request in plan for tag in request.tags)
     assert served == sorted(id(t) for t in tags)
     for request in plan:
         assert 1 <= request.count <= limit
-        for tag, off in request.tags:
+        for tag, off in request.placed():
             assert request.address + off == tag.address and off + tag.width <= request.count
     # no two requests of the table could have been merged
     for a, b in zip(plan, plan[1:]):
@@ -156,11 +157,14 @@ def test_a_range_is_numbered_tags_at_consecutive_addresses():
     assert cfg.tags[-1].width == 4 and cfg.tag_names()[0] == "temp_0" and len(cfg.tag_names()) == 8
     assert [len(r.tags) for r in plan_reads(cfg.tags)] == [2, 3, 3]  # coils 5..6; holding 10..15; 100..105
 
-    # built without validation, yet the same models as the tags written out one by one
+    # built without validation, yet the same tags as written out one by one: RangeTags, not models
+    # (a range of thousands of registers is thousands of tags), the range's settings read through
     written = ModbusConfig(name="p", driver="modbus", tags=[
         {"name": f"temp_{i}", "address": 100 + 2 * i, "type": "float32", "unit": "degC", "scale": 0.5} for i in range(3)])
     assert [t.model_dump() for t in cfg.tags[:3]] == [t.model_dump() for t in written.tags]
-    assert cfg.tags[0].model_fields_set == {"name", "address", "type", "unit", "scale"}
+    same = ("name", "address", "count", "stride", "is_range", "width", "type", "unit", "scale", "writable", "deadband")
+    assert [[getattr(t, a) for a in same] for t in cfg.tags[:3]] == [[getattr(t, a) for a in same] for t in written.tags]
+    assert all(isinstance(t, RangeTag) and t.range is cfg.tags[0].range for t in cfg.tags[:3])
 
     def problem(tags) -> str:
         with pytest.raises(ValidationError) as err:
@@ -391,7 +395,7 @@ def test_compiled_decoder_matches_the_reference_decoder(case, off, filler):
     response = filler[:off] + regs + filler[off:]
     tag = ModbusTag(name="x", address=10 + off, type=type_, byte_order=byte_order, word_order=word_order,
                     scale=2.0 if type_ == "int16" else 1.0)
-    request = ReadRequest("holding", 10, len(response), [(tag, off)])
+    request = ReadRequest("holding", 10, len(response), [tag])
     [(_, decoded, problem)] = decode_request(request, response)
     expected = reference_decode(regs, type_, byte_order, word_order)
     assert problem is None and decoded == (expected * 2.0 if type_ == "int16" else expected)
