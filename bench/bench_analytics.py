@@ -16,7 +16,7 @@ Ratios are features throughput / bare 1-D rfft throughput (target at 16,384: >= 
 Real-time capacity: feature samples/s divided by 25,600 samples/s per channel.
 
 Then the worker pool: windows per second through FeaturePool (assemble on the loop, compute in
-threads, routed in order) with 1 worker and with N (the machine's cores, at least 2), 16,384
+worker processes, routed in order) with 1 worker and with N (the machine's cores, at least 2), 16,384
 samples, 64 streams (target: on 2 cores at least 1.6 x the single-worker figure).
 
 Then the ingest cost: blocks (and samples) per second that the MQTT driver decodes, payload to
