@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import threading
 import time
@@ -193,6 +194,17 @@ class Session:
         if item is not None and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             self.pending[info.mid] = item
         return info
+
+    def publishing(self) -> contextlib.AbstractContextManager:
+        """`with session.publishing():` around a run of `publish` calls (a batch from the buffer).
+
+        paho guards its outgoing messages with one lock, which the network thread holds while it
+        handles each PUBACK (and it lets the GIL go in there, to wake itself through a socket).
+        Publishing call by call, each `publish` waits for that lock, and the two threads hand the
+        lock and the GIL to each other once or twice per message. Holding it (re-entrant) for
+        the run, the network thread waits once, then handles the PUBACKs that came meanwhile."""
+        lock = getattr(self.client, "_out_message_mutex", None)  # paho's RLock; private, so optional
+        return lock if lock is not None else contextlib.nullcontext()
 
     # ----- the network thread -----
 
