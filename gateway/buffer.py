@@ -53,6 +53,7 @@ FULL_ROUNDS = 8  # evict-and-retry rounds before a write that meets a full disk 
 MAX_LINKS = 62  # bits of `owed` (a signed 64-bit integer in SQLite)
 VALUES = "values"  # the row kind only links that name it take (per-tag values for Sparkplug)
 DEFAULT_LINK = "upstream"  # the one link of a buffer before links are set (and of an old file)
+FETCH_ONE_STEP_ROW = 4096  # fetch reads rows in one statement step while rows average at most this (bytes)
 KIND_SQL = "substr(topic, 1, instr(topic || '/', '/') - 1)"  # a row's kind, in SQL
 
 
@@ -147,6 +148,10 @@ def _runs(seqs: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((seq, seq))
     return out
+
+
+def _seq(row: "Row") -> int:
+    return row.seq
 
 
 def encode(gateway_id: str, seq: int, record: Record) -> bytes:
@@ -791,12 +796,28 @@ class Buffer:
             sql += " AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.bit=? AND d.seq=outbox.seq AND d.not_before>?)"
             extra += (lk.bit, now)
         sql += " ORDER BY seq LIMIT ?"
+        # Small rows come as one JSON array in one result row: sqlite3 lets the GIL go around
+        # every statement step, and while the upstream drains, the MQTT network thread takes it
+        # at each step and the fetch waits for it back, row after row. Payloads go as hex (BLOBs,
+        # not text); seq order is restored here (an aggregate's order is not defined). Large rows
+        # one by one: the array would hold a batch's payloads several times over.
+        one_step = self._bytes <= FETCH_ONE_STEP_ROW * max(self._depth, 1)
+        if one_step:
+            sql = ("SELECT json_group_array(json_array(seq, topic, hex(payload), retain, size))"
+                   f" FROM ({sql.replace('payload, retain, priority, size', 'payload, retain, size')})")
         out: list[Row] = []
+        fromhex = bytes.fromhex
         for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):
             if len(out) >= limit:
                 break
             cur = self.conn.execute(sql, (priority, after.get(priority, 0), *extra, limit - len(out)))
-            out.extend(Row(s, t, p, bool(r), pr, sz) for s, t, p, r, pr, sz in cur)
+            if one_step:
+                (found,), = cur
+                rows = [Row(s, t, fromhex(p), bool(r), priority, sz) for s, t, p, r, sz in orjson.loads(found)]
+                rows.sort(key=_seq)
+                out.extend(rows)
+            else:
+                out.extend(Row(s, t, p, bool(r), pr, sz) for s, t, p, r, pr, sz in cur)
         return out
 
     def ack(self, rows: list[Row], link: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import threading
 import time
@@ -108,8 +109,8 @@ class Session:
     Session.
 
     Publish acknowledgements. `publish(..., item=x)` registers the message id with `x`; PUBACKs
-    are handed to the loop in bursts (one wake-up per burst, not per ack) and `on_acks` gets
-    `[(x, reason_code), ...]`. The burst runs in a later loop step, so an ack that paho reports
+    are handed to the loop in bursts (one wake-up per step of paho's loop, for every PUBACK read
+    in it) and `on_acks` gets `[(x, reason_code), ...]`. The burst runs in a later loop step, so an ack that paho reports
     before `publish()` returned still finds its id registered.
     """
 
@@ -194,6 +195,17 @@ class Session:
             self.pending[info.mid] = item
         return info
 
+    def publishing(self) -> contextlib.AbstractContextManager:
+        """`with session.publishing():` around a run of `publish` calls (a batch from the buffer).
+
+        paho guards its outgoing messages with one lock, which the network thread holds while it
+        handles each PUBACK (and it lets the GIL go in there, to wake itself through a socket).
+        Publishing call by call, each `publish` waits for that lock, and the two threads hand the
+        lock and the GIL to each other once or twice per message. Holding it (re-entrant) for
+        the run, the network thread waits once, then handles the PUBACKs that came meanwhile."""
+        lock = getattr(self.client, "_out_message_mutex", None)  # paho's RLock; private, so optional
+        return lock if lock is not None else contextlib.nullcontext()
+
     # ----- the network thread -----
 
     def _run_network(self) -> None:
@@ -201,6 +213,8 @@ class Session:
         rc = mqtt.MQTT_ERR_SUCCESS
         while not self._halt.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
             rc = self.client.loop(timeout=0.2)
+            self._hand_acks()
+        self._hand_acks()
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._call(self._set_lost, mqtt.error_string(rc))
 
@@ -225,8 +239,12 @@ class Session:
         self._call(self._set_lost, str(reason_code))
 
     def on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._arrived.append((mid, reason_code))
-        if not self._acks_scheduled:
+        self._arrived.append((mid, reason_code))  # handed to the loop by _hand_acks
+
+    def _hand_acks(self) -> None:
+        """After each paho loop step (which reads every packet waiting on the socket): one wake-up
+        of the event loop for all the PUBACKs it read, not one per PUBACK or two."""
+        if self._arrived and not self._acks_scheduled:
             self._acks_scheduled = True
             self._call(self._take_acks)
 

@@ -257,13 +257,14 @@ class Upstream:
             sending = {r.seq for item in inflight.values() for r in (item if isinstance(item, list) else (item,))} \
                 if rewound and inflight else ()
             if passthrough:
-                for row in rows:
-                    cursor[row.priority] = max(cursor.get(row.priority, 0), row.seq)
-                    if row.seq in sending:
-                        continue
-                    info = publish(self.topic(row.topic), row.payload, qos=1, retain=row.retain, item=row)
-                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                        raise UpstreamError(f"publish failed: {mqtt.error_string(info.rc)}")
+                with session.publishing():
+                    for row in rows:
+                        cursor[row.priority] = max(cursor.get(row.priority, 0), row.seq)
+                        if row.seq in sending:
+                            continue
+                        info = publish(self.topic(row.topic), row.payload, qos=1, retain=row.retain, item=row)
+                        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                            raise UpstreamError(f"publish failed: {mqtt.error_string(info.rc)}")
             elif rows:
                 for row in rows:
                     cursor[row.priority] = max(cursor.get(row.priority, 0), row.seq)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from gateway import buffer as buffer_mod
 from gateway.buffer import Buffer
 from gateway.model import Record
 from tests.rules.helpers import FakeClock
@@ -40,6 +41,21 @@ def test_alarms_go_first_then_data_in_seq_order(tmp_path):
     assert order == [(2, 6), (2, 7), (1, 8), (1, 9), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
     # after a cursor, only newer rows of each priority
     assert [r.seq for r in b.fetch({0: 3, 1: 9, 2: 7}, 100)] == [4, 5]
+
+
+def test_fetch_in_one_step_and_row_by_row_give_the_same_rows(tmp_path, monkeypatch):
+    b = Buffer(tmp_path / "b.db", "gw")
+    b.append(recs(7))
+    b.append(recs(3, "alarm"))
+    b.append([Record("data/x", {"blob": "\u00e9\"\\\n" * 50}, 1_700_000_000.0)])  # escapes, non-ASCII
+    b.ack(b.fetch({}, 100)[4:6])  # a gap in the data seqs
+    b.defer([r for r in b.fetch({}, 100) if r.seq == 9], 60.0)
+    cursors = [{}, {0: 2}, {2: 9, 0: 5}]
+    one_step = [b.fetch(c, n) for c in cursors for n in (1, 4, 100)]
+    monkeypatch.setattr(buffer_mod, "FETCH_ONE_STEP_ROW", 0)
+    assert [b.fetch(c, n) for c in cursors for n in (1, 4, 100)] == one_step
+    assert [r.seq for r in one_step[2]] == [8, 10, 1, 4, 5, 6, 7, 11]
+    assert all(isinstance(r.payload, bytes) and isinstance(r.retain, bool) for r in one_step[2])
 
 
 def test_eviction_drops_oldest_data_first_and_counts(tmp_path):
