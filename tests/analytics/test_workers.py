@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 from structlog.testing import capture_logs
@@ -17,6 +16,7 @@ from structlog.testing import capture_logs
 from gateway.analytics import AnalyticsEngine, FeaturePool
 from gateway.analytics.config import AnalysisConfig, SummariesConfig
 from gateway.model import Waveform
+from tests.conftest import alive
 
 FS = 25600.0
 N = 16384
@@ -63,11 +63,6 @@ def same(a, b) -> bool:
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return a == b
 
-
-def alive(pids: list[int]) -> list[int]:
-    """The processes of `pids` that still exist (not yet reaped included)."""
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
 
 
 async def until(predicate, timeout: float) -> bool:

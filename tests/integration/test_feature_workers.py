@@ -4,14 +4,13 @@ and a stop with windows still queued that ends within the bound, no worker proce
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from gateway.app import STOP_BOUND
 from gateway.buffer import Buffer
 from gateway.model import Waveform
-from tests.conftest import free_port
+from tests.conftest import alive, free_port
 from tests.integration.conftest import running_gateway, until
 
 FS = 25600.0
@@ -38,10 +37,6 @@ def blocks(window: int, windows_each: int, bursts: int) -> list[Waveform]:
     step = window * windows_each / FS
     return [Waveform(f"m.t{i}", x, FS, 1000.0 + k * step, unit="g") for k in range(bursts) for i in range(STREAMS)]
 
-
-def alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
 
 
 async def test_feature_records_enter_the_buffer_in_measurement_order_per_stream(tmp_path, mosquitto):
