@@ -80,6 +80,7 @@ MIN_BLOCK = 4096  # samples of the smallest shared-memory block
 PRELOAD = ["gateway.analytics.workers", "gateway.analytics.vibration"]  # imported once, in the fork server
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 WORKER_NICE = 5  # added to the workers' nice value
+REVIVE_S = 5.0  # seconds between tries to start a worker again when starting one failed
 
 Deliver = Callable[[list[Record], list[Sample]], None]
 SKIPPED = "skipped"  # a job's outcome when it was not started before the stop bound
@@ -128,6 +129,7 @@ class FeaturePool:
         self.in_flight = 0  # windows handed over and not yet routed
         self.dropped = 0  # windows refused, skipped or lost, all analyses
         self.restarts = 0  # workers started again after one died
+        self._revive_at = 0.0  # monotonic time before which no worker is started again
         self._dropping = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,10 +195,16 @@ class FeaturePool:
         """Give waiting jobs to the workers with the fewest, up to AHEAD each. A job's samples go
         into shared memory only now, so at most workers x AHEAD blocks are in use, and a burst
         handed over at once is copied a job at a time, as the workers take it."""
-        if self._waiting and not self._procs:
+        if self._waiting and len(self._procs) < self.workers:
             self._start_workers()
         while self._waiting:
-            w = min(self._procs, key=lambda w: len(w.jobs))
+            live = [w for w in self._procs if not w.conn.closed]
+            if not live:
+                self._revive()  # every worker is gone and could not be started again: try now
+                live = [w for w in self._procs if not w.conn.closed]
+                if not live:
+                    return  # the jobs wait; beyond the capacity windows are dropped and counted
+            w = min(live, key=lambda w: len(w.jobs))
             if len(w.jobs) >= AHEAD or w.stopping:
                 return
             n, job = self._waiting.popleft()
@@ -211,19 +219,39 @@ class FeaturePool:
             w.jobs.append(n)
 
     def _start_workers(self) -> None:
+        """On the first job: the pool's workers (those not started yet, after a failed try)."""
+        if time.monotonic() < self._revive_at:
+            return
         self._loop = asyncio.get_running_loop()
         for var in BLAS_THREADS:  # read when the fork server imports NumPy; an operator's own setting wins
             os.environ.setdefault(var, "1")
-        for i in range(self.workers):
-            self._start_worker(i)
+        for i in range(len(self._procs), self.workers):
+            if not self._start_worker(i):
+                return
 
-    def _start_worker(self, index: int) -> None:
-        w = _Worker(index)
+    def _start_worker(self, index: int) -> bool:
+        try:
+            w = _Worker(index)
+        except OSError as exc:  # no memory, no process left: the next try is REVIVE_S later
+            self._revive_at = time.monotonic() + REVIVE_S
+            log.error("analytics.worker_start_failed", worker=index, error=str(exc), retry_s=REVIVE_S,
+                      hint="windows wait, and beyond analytics.queue are dropped and counted")
+            return False
         if index < len(self._procs):
             self._procs[index] = w
         else:
             self._procs.append(w)
         self._loop.add_reader(w.conn.fileno(), self._on_readable, w)
+        return True
+
+    def _revive(self) -> None:
+        """Start again the workers that are gone (not those asked to stop), unless the last try
+        failed less than REVIVE_S ago."""
+        if time.monotonic() < self._revive_at:
+            return
+        for i, w in enumerate(self._procs):
+            if w.conn.closed and not w.stopping and not self._start_worker(i):
+                return
 
     # ----- results, on the loop -----
 
@@ -267,7 +295,7 @@ class FeaturePool:
                   windows_lost=sum(len(self._sent[n]) for n in lost), error=str(exc) or type(exc).__name__,
                   hint="a feature worker process ended (killed, out of memory?); its windows are counted in "
                        "dropped_windows, and a new worker takes its place")
-        self._start_worker(self._procs.index(w))
+        self._revive()
 
     def _route(self) -> None:
         """Deliver the finished jobs that are next in order, as one delivery."""

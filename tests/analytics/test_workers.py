@@ -227,3 +227,30 @@ async def test_a_window_that_fails_to_compute_is_logged_counted_and_the_rest_go_
     assert len(failed) == 1 and "Traceback" in failed[0]["traceback"] and failed[0]["analyses"] == ["a0"]
     assert len(sink.records) == 2 and pool.dropped == 1 and eng.stats()["a0"]["dropped_windows"] == 1
     assert pool.stats()["restarts"] == 0
+
+
+async def test_a_worker_that_cannot_be_started_is_logged_its_windows_wait_and_it_is_tried_again(monkeypatch):
+    import gateway.analytics.workers as workers
+
+    eng, sink = engine(1, 4096), Sink()
+    pool = FeaturePool(eng, sink, workers=1, capacity=100, stop_bound=3.0)
+    run = asyncio.create_task(pool.run())
+    real = workers._Worker
+    monkeypatch.setattr(workers, "REVIVE_S", 0.3)
+
+    def no_process(index):  # as fork fails on a box out of memory or processes
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(workers, "_Worker", no_process)
+    with capture_logs() as logged:
+        pool.submit(eng.assemble(burst(1, 3, window=4096)))
+        await asyncio.sleep(0.1)
+        assert pool.pids() == [] and pool.in_flight == 3 and sink.records == []  # waiting, not lost
+        monkeypatch.setattr(workers, "_Worker", real)
+        await asyncio.sleep(0.4)
+        pool.submit(eng.assemble(burst(1, 1, t0=1000.0 + 3 * 4096 / FS, window=4096)))  # the next window tries again
+        assert await until(lambda: pool.in_flight == 0, 60)
+    pool.close()
+    await run
+    assert [e["event"] for e in logged].count("analytics.worker_start_failed") == 1
+    assert len(sink.records) == 4 and pool.dropped == 0
