@@ -38,6 +38,8 @@ and rule samples leave in measurement order.
 
 A worker that dies (killed, out of memory) loses the jobs it held: they are counted as dropped,
 logged (`analytics.worker_died`), and a new worker takes its place (`health.analytics.restarts`).
+One that cannot be started (fork fails) is logged (`analytics.worker_start_failed`) and tried
+again REVIVE_S later; meanwhile the windows wait, and those beyond the bound are counted.
 A job that raises is logged with the worker's traceback (`analytics.compute_failed`) and its
 windows counted as dropped; the other jobs go on.
 
