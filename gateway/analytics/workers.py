@@ -102,6 +102,7 @@ class _Worker:
         theirs.close()
         self.conn: Connection = ours
         self.jobs: collections.deque[int] = collections.deque()
+        self.specs: set[int] = set()  # the feature specs (by number) this worker has been sent
         self.stopping = False
 
 
@@ -123,6 +124,7 @@ class FeaturePool:
         self._held: dict[int, SharedMemory] = {}  # job number -> the block its samples are in
         self._ready: dict[int, Any] = {}  # finished jobs waiting for an earlier one
         self._blocks = _Blocks()
+        self._spec_ids: dict[Any, int] = {}  # FeatureSpec -> its number: a spec travels once per worker
         self._next_job = 0  # number given to the next job
         self._next_out = 0  # number of the next job to route
         self._pending: list[Closed] = []  # windows handed over and not yet in a job
@@ -211,14 +213,17 @@ class FeaturePool:
                 return
             n, job = self._waiting.popleft()
             block = self._held[n] = self._blocks.take(sum(c.samples for c in job))
+            parts = _pack(job, block, self._spec_ids)
+            specs = [(i, spec) for spec, i in self._spec_ids.items() if i not in w.specs]
             try:
-                w.conn.send((n, block.name, _pack(job, block)))
+                w.conn.send((n, block.name, specs, parts))
             except OSError as exc:  # it died since its last answer: this job waits for the next worker
                 self._blocks.give(self._held.pop(n))
                 self._waiting.appendleft((n, job))
                 self._worker_gone(w, exc)
                 continue
             w.jobs.append(n)
+            w.specs.update(i for i, _ in specs)
 
     def _start_workers(self) -> None:
         """On the first job: the pool's workers (those not started yet, after a failed try)."""
@@ -277,7 +282,8 @@ class FeaturePool:
             records, samples, problems = outcome
             if problems:
                 self.engine.note_problems(problems)
-            outcome = (records, samples)
+            outcome = ([Record(topic, payload, ts, kind) for topic, payload, ts, kind in records],
+                       [Sample(*fields) for fields in samples])
         self._ready[n] = outcome
 
     def _worker_gone(self, w: _Worker, exc: BaseException) -> None:
@@ -409,11 +415,12 @@ class _Blocks:
         self._size.clear()
 
 
-# A window as it travels: where its samples are in the job's block, and the rest of Closed.
-_Part = tuple[str, str, int, int, float, float, Any, "str | None", Any, "float | None"]
+# A window as it travels: where its samples are in the job's block, its spec's number, and the
+# rest of Closed. (Records and samples come back as plain tuples too: cheaper to unpickle.)
+_Part = tuple[str, str, int, int, float, float, Any, "str | None", int, "float | None"]
 
 
-def _pack(job: list[Closed], block: SharedMemory) -> list[_Part]:
+def _pack(job: list[Closed], block: SharedMemory, spec_ids: dict[Any, int]) -> list[_Part]:
     into = np.ndarray((block.size // 8,), dtype=np.float64, buffer=block.buf)
     parts: list[_Part] = []
     offset = 0
@@ -421,7 +428,8 @@ def _pack(job: list[Closed], block: SharedMemory) -> list[_Part]:
         w = c.window
         n = len(w.samples)
         into[offset:offset + n] = w.samples
-        parts.append((c.analysis, c.input, offset, n, w.ts, w.sample_rate, w.quality, c.unit, c.spec, c.shaft_hz))
+        spec = spec_ids.setdefault(c.spec, len(spec_ids))
+        parts.append((c.analysis, c.input, offset, n, w.ts, w.sample_rate, w.quality, c.unit, spec, c.shaft_hz))
         offset += n
     del into  # no view may outlive the call: a block with views cannot be closed
     return parts
@@ -438,6 +446,7 @@ def _serve(conn: Connection) -> None:
     os.nice(WORKER_NICE)
     computer = FeatureComputer()
     mapped: dict[str, tuple[SharedMemory, Any]] = {}  # block name -> the block, as samples
+    specs: dict[int, Any] = {}  # number -> FeatureSpec
     queue: collections.deque = collections.deque()
     while True:
         try:
@@ -452,7 +461,8 @@ def _serve(conn: Connection) -> None:
                 if item is not None:
                     conn.send((item[0], SKIPPED))
             return
-        n, block, parts = queue.popleft()
+        n, block, new_specs, parts = queue.popleft()
+        specs.update(new_specs)
         try:
             got = mapped.get(block)
             if got is None:
@@ -460,10 +470,12 @@ def _serve(conn: Connection) -> None:
                 got = mapped[block] = (shm, np.ndarray((shm.size // 8,), dtype=np.float64, buffer=shm.buf))
             samples = got[1]
             job = [Closed(analysis, input_, windowing.Window(samples[offset:offset + k], ts, fs, quality), unit,
-                          spec, shaft_hz)
+                          specs[spec], shaft_hz)
                    for analysis, input_, offset, k, ts, fs, quality, unit, spec, shaft_hz in parts]
-            outcome: Any = computer.compute(job)
+            records, rule_samples, problems = computer.compute(job)
             del job
+            outcome: Any = ([(r.topic, r.payload, r.ts, r.kind) for r in records],
+                            [(s.source, s.value, s.ts, s.quality, s.unit) for s in rule_samples], problems)
         except Exception:  # noqa: BLE001 - one bad job must not end the worker
             outcome = (FAILED, traceback.format_exc())
         conn.send((n, outcome))
