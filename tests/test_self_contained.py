@@ -19,10 +19,10 @@ from tests.conftest import REPO
 
 SCANNED = ("tests", "bench", "gateway", "drivers", "rules")
 SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ini"}
-# Literal references that leave the repository, whatever the file's place in the tree.
-UP_DIR, SIBLING = "..", "shared"  # the parent folder, and the folder beside the checkout here
-OUTSIDE = re.compile("|".join([re.escape(f"{UP_DIR}/{SIBLING}"), re.escape(f"{SIBLING}/data"),
-                               r"\b(?:REPO|ROOT)\.parent\b", r"['\"]\.\.['\"]", r"['\"]\.\./"]))
+# Literal references that leave the repository, whatever the file's place in the tree: the
+# root's parent, and a relative path that goes up (to any folder beside the checkout).
+OUTSIDE = re.compile("|".join([r"\b(?:REPO|ROOT)\.parent\b", r"['\"]\.\.['\"]", r"['\"]\.\./", r"[/}]\.\./"]))
+UP_DIR = "." * 2  # spelled so, the samples below hold no such path
 # Path(__file__)[.resolve()] followed by .parent / .parents[k] hops: count how far up it goes.
 UP = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?((?:\.parent(?!s)|\.parents\[\d+\])+)")
 
@@ -66,8 +66,9 @@ def test_the_scan_catches_what_it_is_for(tmp_path):
     bad.parent.mkdir(parents=True)
     lines = ['CWRU = Path(__file__).resolve().parents[2].parent / "data"',
              'CWRU = Path(__file__).resolve().parent.parent.parent.parent',
-             f'DATA = "{UP_DIR}/{SIBLING}/data/cwru"',
-             f'X = REPO.parent / "{SIBLING}"']
+             f'DATA = "{UP_DIR}/beside/data/cwru"',
+             'X = REPO.parent / "beside"',
+             f'Y = f"{{ROOT}}/{UP_DIR}/beside/data"']
     bad.write_text("\n".join(lines) + "\nOK = Path(__file__).resolve().parents[2] / 'data'\n")
     import tests.test_self_contained as me
     old = me.REPO
