@@ -171,10 +171,12 @@ class OpcUaSimulator:
         signal = make_signal(self.capture_rate, self.capture_samples, t0, self.shaft_hz, fault="outer",
                              severity=0.3, rng=self._signal_rng)
         stamp = _dt.datetime.fromtimestamp(t0, _dt.timezone.utc)
+        # Noted before the write: a subscriber can be told of the value while write_value is
+        # still being awaited, and must find its stamp here.
+        self.captures.append(stamp.timestamp())
         await self.nodes["Capture"].write_value(ua.DataValue(
             ua.Variant(signal.tolist(), ua.VariantType.Float), SourceTimestamp=stamp,
             ServerTimestamp=_dt.datetime.now(_dt.timezone.utc)))
-        self.captures.append(stamp.timestamp())
 
     async def _capture(self, first: float) -> None:
         step = self.capture_every if self.capture_every is not None else self.capture_duration
