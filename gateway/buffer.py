@@ -803,8 +803,7 @@ class Buffer:
         # one by one: the array would hold a batch's payloads several times over.
         one_step = self._bytes <= FETCH_ONE_STEP_ROW * max(self._depth, 1)
         if one_step:
-            sql = ("SELECT json_group_array(json_array(seq, topic, hex(payload), retain, size))"
-                   f" FROM ({sql.replace('payload, retain, priority, size', 'payload, retain, size')})")
+            sql = f"SELECT json_group_array(json_array(seq, topic, hex(payload), retain, size)) FROM ({sql})"
         out: list[Row] = []
         fromhex = bytes.fromhex
         for priority in sorted({*after.keys(), 0, 1, 2}, reverse=True):

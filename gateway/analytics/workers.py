@@ -282,8 +282,7 @@ class FeaturePool:
             records, samples, problems = outcome
             if problems:
                 self.engine.note_problems(problems)
-            outcome = ([Record(topic, payload, ts, kind) for topic, payload, ts, kind in records],
-                       [Sample(*fields) for fields in samples])
+            outcome = (records, samples)
         self._ready[n] = outcome
 
     def _worker_gone(self, w: _Worker, exc: BaseException) -> None:
@@ -416,7 +415,7 @@ class _Blocks:
 
 
 # A window as it travels: where its samples are in the job's block, its spec's number, and the
-# rest of Closed. (Records and samples come back as plain tuples too: cheaper to unpickle.)
+# rest of Closed. (Records and samples come back as they are: they pickle as constructor calls.)
 _Part = tuple[str, str, int, int, float, float, Any, "str | None", int, "float | None"]
 
 
@@ -472,10 +471,8 @@ def _serve(conn: Connection) -> None:
             job = [Closed(analysis, input_, windowing.Window(samples[offset:offset + k], ts, fs, quality), unit,
                           specs[spec], shaft_hz)
                    for analysis, input_, offset, k, ts, fs, quality, unit, spec, shaft_hz in parts]
-            records, rule_samples, problems = computer.compute(job)
+            outcome: Any = computer.compute(job)
             del job
-            outcome: Any = ([(r.topic, r.payload, r.ts, r.kind) for r in records],
-                            [(s.source, s.value, s.ts, s.quality, s.unit) for s in rule_samples], problems)
         except Exception:  # noqa: BLE001 - one bad job must not end the worker
             outcome = (FAILED, traceback.format_exc())
         conn.send((n, outcome))
