@@ -51,9 +51,11 @@ RESERVE_SLACK = 64 * 1024  # the reserve file holds the WAL limit plus this (roo
 SIZE_CHECK_EVERY = 1.0  # seconds between checks of the real page use against the cap
 FULL_ROUNDS = 8  # evict-and-retry rounds before a write that meets a full disk is given up
 MAX_LINKS = 62  # bits of `owed` (a signed 64-bit integer in SQLite)
+ENCODED = b"\0"  # what starts a payload stored encoded rather than as JSON (Record.encoded)
 VALUES = "values"  # the row kind only links that name it take (per-tag values for Sparkplug)
 DEFAULT_LINK = "upstream"  # the one link of a buffer before links are set (and of an old file)
-FETCH_ONE_STEP_ROW = 4096  # fetch reads rows in one statement step while rows average at most this (bytes)
+FETCH_ONE_STEP_ROW = 1024  # fetch reads rows in one statement step while rows average at most this (bytes):
+# 200-byte JSON rows gain from it; 1.9 kB Sparkplug rows fetch 3x faster row by row (14 vs 4.6 ms per 2,000)
 KIND_SQL = "substr(topic, 1, instr(topic || '/', '/') - 1)"  # a row's kind, in SQL
 
 
@@ -155,6 +157,11 @@ def _seq(row: "Row") -> int:
 
 
 def encode(gateway_id: str, seq: int, record: Record) -> bytes:
+    """The stored payload: the record as JSON, or a NUL and its `encoded` bytes if it has them."""
+    return _json(gateway_id, seq, record) if record.encoded is None else ENCODED + record.encoded
+
+
+def _json(gateway_id: str, seq: int, record: Record) -> bytes:
     body = {"gateway": gateway_id, "seq": seq, "ts": iso_ts(record.ts), **record.payload}
     try:
         # orjson: a 5,000-tag summary in 1.4 ms instead of 10 ms, on the event loop. It writes
@@ -474,6 +481,13 @@ class Buffer:
     def _meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
+
+    def note(self, key: str, value: str) -> None:
+        """Keep `value` under `key` with the rows (e.g. what encoded rows need to be read back)."""
+        self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+
+    def noted(self, key: str) -> str | None:
+        return self._meta(key)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -985,4 +999,5 @@ class Buffer:
             params = (limit,)
         for seq, topic, retain, kind, tries, mask, payload in self.conn.execute(sql, params):
             yield {"seq": seq, "topic": topic, "retain": bool(retain), "kind": kind, "attempts": tries,
-                   "owed": [lk.name for lk in self.links if mask & lk.mask], "payload": json.loads(payload)}
+                   "owed": [lk.name for lk in self.links if mask & lk.mask],
+                   **({"encoded": payload[1:]} if payload[:1] == ENCODED else {"payload": json.loads(payload)})}

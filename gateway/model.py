@@ -125,13 +125,16 @@ class Record:
     kind: str = "data"  # data | features | alarm | event
     retain: bool = False
     priority: int = field(default=-1)
+    # Bytes stored instead of the JSON payload, after a NUL (which no JSON text starts with): a
+    # values row's Sparkplug metrics, encoded once when stored (gateway.sparkplug.ValueEncoder).
+    encoded: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.priority < 0:
             self.priority = PRIORITY.get(self.kind, 0)
 
     def __reduce__(self) -> tuple:
-        return Record, (self.topic, self.payload, self.ts, self.kind, self.retain, self.priority)  # as Sample
+        return Record, (self.topic, self.payload, self.ts, self.kind, self.retain, self.priority, self.encoded)
 
 
 @dataclass(frozen=True, slots=True)

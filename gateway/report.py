@@ -7,13 +7,15 @@ stored: the buffer only holds values some upstream will send.
 
 Each report is one `values/{device}` record per device and batch of samples, whose payload lists
 `[tag, value, ts, quality]` in measurement order, so one buffer row carries what one poll of a
-device changed.
+device changed. With an `encode` function (Sparkplug's ValueEncoder), a record is stored as those
+values encoded the way the upstream sends them, so that draining a backlog does not encode them
+again; a record it cannot encode is stored as JSON.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.buffer import VALUES
@@ -31,9 +33,15 @@ class _Last:
         self.at = at  # measurement time of the report
 
 
+# (device, rows, quality_said) -> the record's `encoded`, or None; quality_said[i]: rows[i] must say
+# its quality (it is not good, or the one reported before it was not, or none was)
+Encoder = Callable[[str, list[list[Any]], list[bool]], "bytes | None"]
+
+
 class ExceptionReporter:
-    def __init__(self, policy: dict[str, TagReport]) -> None:
+    def __init__(self, policy: dict[str, TagReport], encode: Encoder | None = None) -> None:
         self.policy = policy  # source (device.tag) -> how it is reported; unknown: any change
+        self._encode = encode
         self._last: dict[str, _Last] = {}
         self.offered = 0
         self.reported = 0
@@ -41,7 +49,9 @@ class ExceptionReporter:
     def offer(self, samples: Iterable[Sample]) -> list[Record]:
         """The records for the samples that are to be reported (none for the others)."""
         by_device: dict[str, list[list[Any]]] = {}
+        said: dict[str, list[bool]] = {}
         first_ts: dict[str, float] = {}
+        good = Quality.GOOD
         offered = reported = 0
         last, policy = self._last, self.policy
         for s in samples:
@@ -51,21 +61,32 @@ class ExceptionReporter:
             if prev is not None and not _due(prev, s, rule):
                 continue
             if prev is None:
+                say = True
                 last[s.source] = _Last(s.value, s.quality, s.ts)
             else:
+                say = s.quality is not good or prev.quality is not good
                 prev.value, prev.quality, prev.at = s.value, s.quality, s.ts
             device, tag = split_source(s.source)
             rows = by_device.get(device)
             if rows is None:
                 rows = by_device[device] = []
+                said[device] = []
                 first_ts[device] = s.ts
             rows.append([tag, s.value, s.ts, s.quality.value])
+            said[device].append(say)
             reported += 1
         self.offered += offered
         self.reported += reported
+        encode = self._encode
         return [Record(topic=f"{VALUES}/{device}", payload={"device": device, "values": rows},
-                       ts=first_ts[device], kind=VALUES)
+                       ts=first_ts[device], kind=VALUES,
+                       encoded=None if encode is None else encode(device, rows, said[device]))
                 for device, rows in by_device.items()]
+
+    def last(self, source: str) -> tuple[Any, float, str] | None:
+        """The value last reported for a source: (value, measurement time, quality)."""
+        got = self._last.get(source)
+        return None if got is None else (got.value, got.at, got.quality.value)
 
     def stats(self) -> dict[str, int]:
         return {"offered": self.offered, "reported": self.reported}
