@@ -71,7 +71,18 @@ class Pipeline:
         buffer.set_links([(u.name, u.format.kinds) for u in self.upstreams])
         # Per-tag values, reported by exception, only when an upstream takes them (Sparkplug).
         wants_values = any(takes(u.format.kinds, VALUES) for u in self.upstreams)
-        self.reporter = ExceptionReporter(cfg.report_policy()) if wants_values else None
+        self.reporter: ExceptionReporter | None = None
+        if wants_values:
+            # Sparkplug: values are encoded once, when stored (against a catalog kept with the rows,
+            # to read them back after the configuration changed); births carry the newest reported.
+            spb = [u.format for u in self.upstreams if hasattr(u.format, "value_encoder")]
+            encoder = spb[0].value_encoder() if spb else None
+            if encoder is not None:
+                buffer.note(encoder.catalog_key, encoder.catalog_json())
+            self.reporter = ExceptionReporter(cfg.report_policy(), encode=encoder)
+            for fmt in spb:
+                fmt.reported = self.reporter.last
+                fmt.stored_catalog = buffer.noted
         self.upstream = self.upstreams[0]  # the one `health.upstream` and the metrics describe
         self.loop_lag = LoopLag()
         self._stop = asyncio.Event()

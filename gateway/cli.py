@@ -168,6 +168,11 @@ def cmd_buffer(args) -> int:
                           f" refused {link['refused']}")
         else:
             for row in buf.dump(args.limit):
+                if "encoded" in row:  # a values row stored as Sparkplug metrics
+                    from gateway.sparkplug import read_stored  # noqa: PLC0415 - protobuf only when needed
+
+                    row["payload"] = {"device": row["topic"].split("/", 1)[-1],
+                                      **read_stored(row.pop("encoded"), buf.noted)}
                 print(json.dumps(row, separators=(",", ":")))
     finally:
         buf.close()

@@ -36,7 +36,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ import orjson
 
 from gateway import logs
 from gateway import sparkplug_pb as pb
-from gateway.buffer import VALUES, Row, row_kind
+from gateway.buffer import ENCODED, VALUES, Row, row_kind
 from gateway.model import split_source
 from gateway.statelock import write_durably
 from gateway.upstream_format import Command, Inbound, Message
@@ -56,6 +58,7 @@ REBIRTH = "Node Control/Rebirth"
 BDSEQ = "bdSeq"
 # The OPC DA quality codes Sparkplug hosts (Ignition) read from a metric's Quality property.
 QUALITY_CODE = {"good": 192, "uncertain": 64, "bad": 0}
+QUALITY_NAME = {code: name for name, code in QUALITY_CODE.items()}
 GOOD, BAD = QUALITY_CODE["good"], QUALITY_CODE["bad"]
 TYPES = {"bool": pb.BOOLEAN, "int16": pb.INT16, "uint16": pb.UINT16, "int32": pb.INT32, "uint32": pb.UINT32,
          "int64": pb.INT64, "uint64": pb.UINT64, "float32": pb.FLOAT, "float64": pb.DOUBLE, "string": pb.STRING}
@@ -126,6 +129,128 @@ class _Aliases:
         return self._next
 
 
+class Catalog:
+    """The metrics the configuration names, with aliases and types, in a fixed order: NBIRTH's
+    (`bdSeq`, `Node Control/Rebirth`, the alarms), then each device's tags, then the features of
+    each analysis. Every `format: sparkplug` upstream starts from it (and declares more as data
+    brings them), and values rows are encoded against it when stored (ValueEncoder); its
+    fingerprint tells a row encoded against another configuration."""
+
+    def __init__(self, gateway_cfg: Any) -> None:
+        self.aliases = _Aliases()
+        self.node = _Set(self.aliases)
+        self.node.declare(BDSEQ, pb.INT64)
+        self.node.declare(REBIRTH, pb.BOOLEAN).value = False
+        for rule in gateway_cfg.rules:
+            if rule.type in ALARM_RULE_TYPES:
+                self._declare_alarm(rule.name)
+                if rule.type in COMPANION and getattr(rule, "bad_input_alarm", True):
+                    self._declare_alarm(f"{rule.name}.bad_input")
+        self.devices: dict[str, _Set] = {}
+        self.tags: dict[str, dict[str, tuple[int, int]]] = {}  # device -> tag -> (alias, datatype)
+        for d in gateway_cfg.devices:
+            if not d.enabled:
+                continue
+            metrics = self.devices[d.name] = _Set(self.aliases)
+            for tag, report in d.reporting().items():
+                m = metrics.declare(tag, TYPES.get(report.type, pb.DOUBLE))
+                self.tags.setdefault(d.name, {})[tag] = (m.alias, m.datatype)
+        self.analysis_device: dict[str, str] = {}
+        for a in gateway_cfg.analyses:
+            device = split_source(a.input)[0]
+            self.analysis_device[a.name] = device
+            metrics = self.devices.setdefault(device, _Set(self.aliases))
+            for name, datatype in _feature_metric_names(a):
+                metrics.declare(name, datatype)
+        entries = [(d, t, a, dt) for d, tags in self.tags.items() for t, (a, dt) in tags.items()]
+        self.fingerprint = hashlib.blake2b(repr(entries).encode(), digest_size=8).digest()
+
+    def _declare_alarm(self, rule: str) -> None:
+        self.node.declare(f"Alarms/{rule}/State", pb.STRING)
+        self.node.declare(f"Alarms/{rule}/Severity", pb.STRING)
+        self.node.declare(f"Alarms/{rule}/Value", pb.DOUBLE)
+
+
+# An encoded values row (after the buffer's NUL): the catalog's fingerprint, the newest
+# measurement time in it and its number of metrics; then the metrics, marked `is_historical`.
+STORED = struct.Struct("<8sdI")
+CATALOG_KEY = "sparkplug.catalog."  # + the fingerprint in hex: a catalog kept in the buffer
+
+
+class ValueEncoder:
+    """Encodes a values row's metrics when it is stored (the ExceptionReporter's `encode`), as
+    `SparkplugFormat.encode` sends them, by alias, marked historical: an upstream draining a
+    backlog then only joins bytes (and live, clears the mark). A row with a tag the catalog does
+    not have, or a value its type cannot carry, is not encoded: it is stored as JSON, and the
+    format encodes it with the births it needs. The catalog goes into the buffer (`catalog_key`)
+    so that rows stay readable when the configuration, and so the catalog, has changed."""
+
+    def __init__(self, tags: dict[str, dict[str, tuple[int, int]]], fingerprint: bytes) -> None:
+        self.tags = tags  # a Catalog's
+        self.fingerprint = fingerprint
+        self.catalog_key = CATALOG_KEY + fingerprint.hex()
+
+    def catalog_json(self) -> str:
+        return orjson.dumps(self.tags).decode()
+
+    def __call__(self, device: str, rows: list[list[Any]], said: list[bool]) -> bytes | None:
+        tags = self.tags.get(device)
+        if tags is None:
+            return None
+        p = pb.Payload()
+        add = p.metrics.add
+        last_ts, last_ms, newest = _NO_TS, 0, 0.0
+        for (tag, value, ts, quality), say in zip(rows, said):
+            entry = tags.get(tag)
+            if entry is None:
+                return None
+            alias, datatype = entry
+            if not (type(value) is float and datatype not in _NOT_NUMBERS) and not _fits(datatype, value):
+                return None
+            if ts != last_ts:
+                last_ts, last_ms = ts, _ms(ts)
+                if ts > newest:
+                    newest = ts
+            pm = add(alias=alias, timestamp=last_ms, is_historical=True)
+            _set_value(pm, datatype, value)
+            if say:
+                pm.properties.keys.append("Quality")
+                pm.properties.values.add(type=pb.INT32, int_value=QUALITY_CODE.get(quality, 0))
+        return STORED.pack(self.fingerprint, newest, len(rows)) + p.SerializeToString()
+
+
+def _by_alias(tags: dict[str, dict[str, Any]]) -> dict[int, tuple[str, int]]:
+    return {alias: (tag, datatype) for of_device in tags.values() for tag, (alias, datatype) in of_device.items()}
+
+
+def _stored_points(metrics_bytes: bytes, by_alias: dict[int, tuple[str, int]]) -> list[tuple[str, Any, float, str]]:
+    """(tag, value, ts, quality) of encoded metrics, by the catalog they were encoded against."""
+    points = []
+    for pm in pb.Payload.FromString(metrics_bytes).metrics:
+        tag, datatype = by_alias[pm.alias]
+        code = pm.properties.values[0].int_value if pm.properties.keys else GOOD  # said unless good
+        points.append((tag, _get_value(pm, datatype), pm.timestamp / 1000, QUALITY_NAME.get(code, "bad")))
+    return points
+
+
+def read_stored(encoded: bytes, noted: Callable[[str], str | None]) -> dict[str, Any]:
+    """An encoded values row as its JSON would be (`buffer dump`); `noted`: Buffer.noted."""
+    fingerprint, _, _ = STORED.unpack_from(encoded)
+    text = noted(CATALOG_KEY + fingerprint.hex())
+    if not text:
+        return {"error": f"encoded against catalog {fingerprint.hex()}, which the buffer does not hold"}
+    points = _stored_points(encoded[STORED.size:], _by_alias(orjson.loads(text)))
+    return {"values": [list(p) for p in points]}
+
+
+def _live(historical: bytes) -> bytes:
+    """Stored metrics without their `is_historical` mark."""
+    p = pb.Payload.FromString(historical)
+    for m in p.metrics:
+        m.ClearField("is_historical")
+    return p.SerializeToString()
+
+
 class SparkplugFormat:
     name = "sparkplug"
     kinds: frozenset[str] | None = frozenset({VALUES, "features", "alarms"})  # topics' first segments
@@ -144,29 +269,25 @@ class SparkplugFormat:
         self.born: set[str] = set()  # devices with a DBIRTH on this connection
         self.device_up: dict[str, bool] = {}
         self._down_since: dict[str, float] = {}  # devices that were up and went down: when we were told
-        self._aliases = _Aliases()
-        self.node_metrics = _Set(self._aliases)
-        self.node_metrics.declare(BDSEQ, pb.INT64)
-        self.node_metrics.declare(REBIRTH, pb.BOOLEAN).value = False
-        for rule in gateway_cfg.rules:
-            if rule.type in ALARM_RULE_TYPES:
-                self._declare_alarm(rule.name)
-                if rule.type in COMPANION and getattr(rule, "bad_input_alarm", True):
-                    self._declare_alarm(f"{rule.name}.bad_input")
-        self.devices: dict[str, _Set] = {}
-        self._analysis_device: dict[str, str] = {}  # analysis -> the device of its input
-        for d in gateway_cfg.devices:
-            if not d.enabled:
-                continue
-            metrics = self.devices[d.name] = _Set(self._aliases)
-            for tag, report in d.reporting().items():
-                metrics.declare(tag, TYPES.get(report.type, pb.DOUBLE))
-        for a in gateway_cfg.analyses:
-            device = split_source(a.input)[0]
-            self._analysis_device[a.name] = device
-            metrics = self.devices.setdefault(device, _Set(self._aliases))
-            for name, datatype in _feature_metric_names(a):
-                metrics.declare(name, datatype)
+        catalog = Catalog(gateway_cfg)  # this format's own: it declares more as data comes
+        self._aliases = catalog.aliases
+        self.node_metrics = catalog.node
+        self.devices: dict[str, _Set] = catalog.devices
+        self._analysis_device = catalog.analysis_device  # analysis -> the device of its input
+        self._stored_tags = catalog.tags  # what values rows are encoded against when stored ...
+        self._fingerprint = catalog.fingerprint  # ... and its fingerprint
+        self._drifted: set[str] = set()  # devices born with a tag of another type than the catalog's
+        # source -> (value, measurement time, quality) last reported (the ExceptionReporter's
+        # `last`): births carry the newest value, also of values sent as they were stored
+        self.reported: Callable[[str], tuple[Any, float, str] | None] | None = None
+        # key -> what the buffer keeps under it (Buffer.noted): the catalogs of encoded rows
+        self.stored_catalog: Callable[[str], str | None] | None = None
+        self._catalogs: dict[bytes, dict[int, tuple[str, str, int]] | None] = {}  # fingerprint -> alias -> ...
+
+    def value_encoder(self) -> ValueEncoder:
+        """What encodes values rows when they are stored (the ExceptionReporter's `encode`); every
+        `format: sparkplug` upstream of one configuration has the same catalog."""
+        return ValueEncoder(self._stored_tags, self._fingerprint)
 
     # ----- topics -----
 
@@ -256,7 +377,26 @@ class SparkplugFormat:
 
     def _dbirth(self, device: str) -> Message:
         self.born.add(device)
-        return self._message("DBIRTH", device, self._birth_metrics(self.devices[device]), qos=0)
+        metrics = self.devices[device]
+        if self.reported is not None:
+            self._newest_reported(device, metrics)
+        # Tails are encoded with the catalog's types: with another type in this birth (a value
+        # that did not fit made it), the device's rows are encoded from their JSON instead.
+        by_name = metrics.by_name
+        if any(by_name[tag].datatype != datatype for tag, (_, datatype) in self._stored_tags.get(device, {}).items()):
+            self._drifted.add(device)
+        else:
+            self._drifted.discard(device)
+        return self._message("DBIRTH", device, self._birth_metrics(metrics), qos=0)
+
+    def _newest_reported(self, device: str, metrics: _Set) -> None:
+        """A birth carries each tag's newest value: the one last reported, when it is newer than
+        the one last sent (values sent as they were stored do not pass through here)."""
+        reported = self.reported
+        for m in metrics.by_name.values():
+            got = reported(f"{device}.{m.name}")
+            if got is not None and (m.ts is None or got[1] > m.ts) and _fits(m.datatype, got[0]):
+                m.value, m.ts, m.quality = got[0], got[1], QUALITY_CODE.get(got[2], BAD)
 
     def _ddeath(self, device: str) -> Message:
         self.born.discard(device)
@@ -281,79 +421,123 @@ class SparkplugFormat:
         return out
 
     def _message(self, kind: str, device: str | None, metrics: list[Any], qos: int, seq: int | None = None,
-                 payload: Any = None) -> Message:
-        """`payload`: a Payload already holding its metrics (DDATA/NDATA build them in place, not
-        as separate Metric objects that `extend` would copy once more)."""
+                 body: bytes = b"") -> Message:
+        """`body`: metrics already encoded (DDATA/NDATA), after `metrics`."""
         if seq is None:
             self.seq = (self.seq + 1) % 256
             seq = self.seq
-        p = pb.Payload() if payload is None else payload
-        p.timestamp = _ms(time.time())
-        p.seq = seq
+        p = pb.Payload(timestamp=_ms(time.time()), seq=seq)
         p.metrics.extend(metrics)
-        return Message(self.topic(kind, device), p.SerializeToString(), qos=qos, retain=False)
-
-    def _declare_alarm(self, rule: str) -> None:
-        self.node_metrics.declare(f"Alarms/{rule}/State", pb.STRING)
-        self.node_metrics.declare(f"Alarms/{rule}/Severity", pb.STRING)
-        self.node_metrics.declare(f"Alarms/{rule}/Value", pb.DOUBLE)
+        return Message(self.topic(kind, device), p.SerializeToString() + body, qos=qos, retain=False)
 
     # ----- data -----
 
     def encode(self, rows: list[Row], historical: bool) -> list[tuple[list[Row], Message]]:
         """Rows -> DDATA per device (and NDATA for alarms), a run of rows of one device in one
-        message; births first wherever a metric is new to its birth."""
+        message; births first wherever a metric is new to its birth. A values row stored with
+        its metrics encoded (ValueEncoder) is joined as it is, when it was encoded against
+        this format's catalog and the device's birth has the catalog's types."""
         out: list[tuple[list[Row], Message]] = []
-        groups: dict[str | None, tuple[list[Row], Any]] = {}  # device (None: node) -> rows, Payload
+        # device (None: node) -> [rows, encoded metrics, how many]
+        groups: dict[str | None, list] = {}
 
         def flush(device: str | None) -> None:
             got = groups.pop(device, None)
             if got is None:
                 return
-            acks, payload = got
             kind = "NDATA" if device is None else "DDATA"
-            out.append((acks, self._message(kind, device, [], qos=1, payload=payload)))
+            out.append((got[0], self._message(kind, device, [], qos=1, body=b"".join(got[1]))))
+
+        def birth_if_needed(device: str | None, metrics: _Set, points: list[tuple]) -> None:
+            if self._needs_birth(device, metrics, points):
+                flush(device)
+                for message in self._rebirth_for(device):
+                    out.append(([], message))
+
+        def back(device: str | None, newest: float) -> None:
+            down_since = self._down_since.get(device)
+            if down_since is not None and newest > down_since:
+                del self._down_since[device]  # measured after it went: it is back (device_state says so later)
 
         for row in rows:
             kind = row_kind(row.topic)
-            body = orjson.loads(row.payload)
+            payload = row.payload
             if kind == VALUES:
-                device = body.get("device") or row.topic.split("/", 1)[-1]
-                points = [(tag, value, ts, quality) for tag, value, ts, quality in body.get("values", ())]
+                device = row.topic.split("/", 1)[-1]
+                if payload[:1] == ENCODED:
+                    fingerprint, newest, count = STORED.unpack_from(payload, 1)
+                    metrics_bytes = payload[1 + STORED.size:]
+                    if fingerprint == self._fingerprint and device not in self._drifted:
+                        back(device, newest)
+                        if device not in self.born:
+                            birth_if_needed(device, self.devices[device], [])
+                        self._add(groups, flush, device, row, metrics_bytes if historical else _live(metrics_bytes),
+                                  count)
+                        continue
+                    points = self._read_stored(fingerprint, metrics_bytes, row)
+                    if points is None:
+                        continue
+                else:
+                    body = orjson.loads(payload)
+                    points = [(tag, value, ts, quality) for tag, value, ts, quality in body.get("values", ())]
             elif kind == "features":
+                body = orjson.loads(payload)
                 analysis = body.get("analysis") or row.topic.split("/", 1)[-1]
                 device = self._analysis_device.get(analysis) or split_source(body.get("input", ""))[0]
                 points = _feature_points(analysis, body)
             elif kind == "alarms":
                 device = None
-                points = _alarm_points(body)
+                points = _alarm_points(orjson.loads(payload))
             else:
                 continue  # a kind this format does not take (never fetched for it)
-            down_since = self._down_since.get(device)
-            if down_since is not None and any(p[2] > down_since for p in points):
-                del self._down_since[device]  # measured after it went: it is back (device_state says so later)
+            if points:
+                back(device, max(p[2] for p in points))
             metrics = self.node_metrics if device is None else self.devices.setdefault(device, _Set(self._aliases))
-            if self._needs_birth(device, metrics, points):
-                flush(device)
-                for message in self._rebirth_for(device):
-                    out.append(([], message))
-            entry = groups.get(device)
-            if entry is None:
-                entry = groups[device] = ([], pb.Payload())
-            entry[0].append(row)
-            add, by_name = entry[1].metrics.add, metrics.by_name
+            birth_if_needed(device, metrics, points)
+            p = pb.Payload()
+            add, by_name = p.metrics.add, metrics.by_name
             last_ts, last_ms = _NO_TS, 0  # the points of a row mostly share one timestamp
             for name, value, ts, quality in points:
                 if ts != last_ts:
                     last_ts, last_ms = ts, _ms(ts)
                 self._data_metric(add, by_name[name], value, ts, last_ms, quality, historical)
-            if len(entry[1].metrics) >= MAX_METRICS:
-                flush(device)
+            self._add(groups, flush, device, row, p.SerializeToString(), len(points))
         for device in list(groups):
             flush(device)
             if device in self._down_since and device in self.born:
                 out.append(([], self._ddeath(device)))  # late data of a device that is down
         return out
+
+    def _read_stored(self, fingerprint: bytes, metrics_bytes: bytes, row: Row) -> list[tuple] | None:
+        """The points of an encoded values row that cannot be sent as it is (encoded against
+        another catalog, or its device's birth has other types now), read back with the catalog
+        it was encoded against. None: that catalog is not to be found (logged; the row is lost)."""
+        by_alias = self._catalogs.get(fingerprint)
+        if by_alias is None:
+            text = None
+            if fingerprint != self._fingerprint and self.stored_catalog is not None:
+                text = self.stored_catalog(CATALOG_KEY + fingerprint.hex())
+            tags = self._stored_tags if fingerprint == self._fingerprint else orjson.loads(text) if text else None
+            if tags is None:
+                log.error("sparkplug.stored_row_unreadable", upstream=self.upstream, seq=row.seq, topic=row.topic,
+                          reason=f"no catalog {fingerprint.hex()} in the buffer")
+                return None
+            by_alias = self._catalogs[fingerprint] = _by_alias(tags)
+        return _stored_points(metrics_bytes, by_alias)
+
+    @staticmethod
+    def _add(groups: dict[str | None, list], flush: Callable[[str | None], None], device: str | None, row: Row,
+             chunk: bytes, count: int) -> None:
+        """A row's encoded metrics into its device's message (protobuf reads concatenated
+        repeated fields as one list), which goes out once it holds MAX_METRICS."""
+        entry = groups.get(device)
+        if entry is None:
+            entry = groups[device] = [[], [], 0]
+        entry[0].append(row)
+        entry[1].append(chunk)
+        entry[2] += count
+        if entry[2] >= MAX_METRICS:
+            flush(device)
 
     def _needs_birth(self, device: str | None, metrics: _Set, points: list[tuple]) -> bool:
         """Declare what is new; True when a (re)birth must go before these points."""

@@ -291,12 +291,14 @@ class Upstream:
                 end += 1
             run = rows[start:end]
             carried: set[int] = set()
-            for acks, message in self.format.encode(run, historical):
-                info = session.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
-                                       item=list(acks) if acks else None)
-                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    raise UpstreamError(f"publish failed: {mqtt.error_string(info.rc)}")
-                carried.update(r.seq for r in acks)
+            messages = self.format.encode(run, historical)
+            with session.publishing():
+                for acks, message in messages:
+                    info = session.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                           item=list(acks) if acks else None)
+                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                        raise UpstreamError(f"publish failed: {mqtt.error_string(info.rc)}")
+                    carried.update(r.seq for r in acks)
             self._acked.extend(r for r in run if r.seq not in carried)
             start = end
 
