@@ -12,8 +12,10 @@ sparkplug  `values/{device}` rows made by `ExceptionReporter.offer` (devices of 
            devices, loaded from YAML) drained by the real `Upstream` with a `SparkplugFormat`:
            DDATA messages/s and metrics/s (counted at the upstream: the buffer is empty only once
            every DDATA was acknowledged), beside raw paho QoS 1 publishing of the same encoded
-           DDATA payloads (same broker, same max_inflight), the ratio drain / raw (target 0.7),
-           and `SparkplugFormat.encode` alone, in µs per metric.
+           DDATA payloads (same broker, same max_inflight), the ratio drain / raw (target 0.7).
+           Also, each alone: the protobuf encoding of the values as they are stored
+           (`ValueEncoder`, µs per metric), `SparkplugFormat.encode` of the stored rows, and the
+           buffer's own fetch and delete of the same rows (a copy of the file, no network).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -179,9 +182,21 @@ def spb_config(workdir: Path, port: int, devices: int, tags: int, inflight: int)
     return config_mod.load(path)
 
 
-def spb_fill(buffer: Buffer, cfg, rows: int) -> float:
-    """`rows` values/{device} rows (rows/s): poll rounds of every device, each value changed."""
-    reporter = ExceptionReporter(cfg.report_policy())
+def spb_fill(buffer: Buffer, cfg, rows: int) -> tuple[float, float]:
+    """`rows` values/{device} rows: poll rounds of every device, each value changed, stored as
+    the gateway stores them (encoded by the format's value encoder). Returns rows/s and the
+    seconds spent in the encoder."""
+    encoder = SparkplugFormat(cfg.upstreams[0], cfg, started_at=time.time()).value_encoder()
+    encoding = [0.0]
+
+    def timed(*args):
+        t = time.perf_counter()
+        try:
+            return encoder(*args)
+        finally:
+            encoding[0] += time.perf_counter() - t
+
+    reporter = ExceptionReporter(cfg.report_policy(), encode=timed)
     devices = [(d.name, [(f"{d.name}.{name}", r.type) for name, r in d.reporting().items()]) for d in cfg.devices]
     made = 0
     t0 = time.perf_counter()
@@ -196,12 +211,38 @@ def spb_fill(buffer: Buffer, cfg, rows: int) -> float:
                     else 20.0 + 0.01 * poll + i
                 samples.append(Sample(source, value, ts, Quality.GOOD))
         records = reporter.offer(samples)
+        if any(r.encoded is None for r in records):
+            raise RuntimeError("sparkplug fill: a values row was not encoded when stored")
         buffer.append(records)
         made += len(records)
     elapsed = time.perf_counter() - t0
     if buffer.depth != rows:
         raise RuntimeError(f"sparkplug fill: {buffer.depth} rows in the buffer, {rows} wanted")
-    return rows / elapsed
+    return rows / elapsed, encoding[0]
+
+
+def spb_buffer_alone(buffer: Buffer, work: Path, link: str, batch: int) -> float:
+    """Seconds for the buffer alone to fetch and delete every row, as the upstream does (batches
+    of `batch`, each acknowledged), on a copy of the file: what store and forward costs before
+    any byte goes out."""
+    copy = work / "alone.db"
+    with sqlite3.connect(copy) as dst:
+        buffer.conn.backup(dst)
+    dst.close()
+    alone = Buffer(copy, "bench")
+    alone.set_links([(link, SparkplugFormat.kinds)])
+    cursor: dict[int, int] = {}
+    t0 = time.perf_counter()
+    while rows := alone.fetch(cursor, batch, link=link):
+        for r in rows:
+            cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
+        alone.ack(rows, link=link)
+    elapsed = time.perf_counter() - t0
+    left = alone.depth
+    alone.close()
+    if left:
+        raise RuntimeError(f"sparkplug buffer alone: {left} rows left")
+    return elapsed
 
 
 def spb_encode(buffer: Buffer, cfg, batch: int, repeat: int = 3) -> tuple[float, list[tuple[str, bytes]], int]:
@@ -233,32 +274,6 @@ def spb_encode(buffer: Buffer, cfg, batch: int, repeat: int = 3) -> tuple[float,
     messages = [(m.topic, m.payload) for _, m in out if m.topic.startswith(ddata)]
     metrics = sum(len(pb.Payload.FromString(body).metrics) for _, body in messages)
     return best, messages, metrics
-
-
-def spb_floor(messages: list[tuple[str, bytes]], repeat: int = 3) -> float:
-    """The library's own floor: the best time (of `repeat`) to build and serialise the same DDATA
-    payloads from their metrics (alias, timestamp, value, is_historical, quality property) with
-    bare protobuf calls -- no buffer, no JSON, no birth logic. No encoder on top of `protobuf`
-    can be faster than this."""
-    decoded = []
-    for _, body in messages:
-        p = pb.Payload.FromString(body)
-        decoded.append((p.timestamp, p.seq, [(m.alias, m.timestamp, m.double_value, m.is_historical,
-                                              list(m.properties.values)) for m in p.metrics]))
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for ts, seq, metrics in decoded:
-            p = pb.Payload(timestamp=ts, seq=seq)
-            add = p.metrics.add
-            for alias, mts, value, hist, props in metrics:
-                m = add(alias=alias, timestamp=mts, double_value=value, is_historical=hist)
-                if props:
-                    m.properties.keys.append("Quality")
-                    m.properties.values.add(type=pb.INT32, int_value=props[0].int_value)
-            p.SerializeToString()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class CountingFormat(SparkplugFormat):
@@ -305,12 +320,13 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     buffer = Buffer(work / "spb.db", cfg.gateway.id, durability=args.durability)
     buffer.set_links([(up_cfg.name, SparkplugFormat.kinds)])
     limit.phase("the buffer to take the Sparkplug values rows")
-    ingest = spb_fill(buffer, cfg, args.spb_rows)
+    ingest, encoding_s = spb_fill(buffer, cfg, args.spb_rows)
     limit.phase("SparkplugFormat.encode alone")
     enc_s, messages, metrics = spb_encode(buffer, cfg, up_cfg.batch)
     if not messages:
         raise RuntimeError("sparkplug: encode made no DDATA")
-    floor_s = spb_floor(messages)
+    limit.phase("the buffer alone to fetch and delete the rows")
+    alone_s = spb_buffer_alone(buffer, work, up_cfg.name, up_cfg.batch)
     limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
     raw = raw_publish(port, messages, args.inflight, "raw-spb")
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
@@ -327,11 +343,14 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     return [
         f"sparkplug           {args.spb_rows} values rows ({args.spb_devices} devices x {args.spb_tags} tags),"
         f" {metrics:,} metrics in {len(messages)} DDATA of {size:,.0f} B avg, QoS 1, max_inflight {args.inflight}",
-        f"buffer ingest       {ingest:12,.0f} rows/s  (ExceptionReporter.offer, one poll of every device per append)",
-        f"encode alone        {enc_s / metrics * 1e6:12.2f} µs/metric  ({metrics / enc_s:,.0f} metrics/s,"
+        f"buffer ingest       {ingest:12,.0f} rows/s  (ExceptionReporter.offer and Buffer.append, one poll of"
+        f" every device per append)",
+        f"protobuf encode     {encoding_s / metrics * 1e6:12.2f} µs/metric  (ValueEncoder, once, as the rows are"
+        f" stored)",
+        f"encode alone        {enc_s / metrics * 1e6:12.2f} µs/metric  (SparkplugFormat.encode of the stored rows:"
         f" {len(messages) / enc_s:,.0f} DDATA/s; best of 3)",
-        f"protobuf floor      {floor_s / metrics * 1e6:12.2f} µs/metric  (bare Payload/metrics.add of the same"
-        f" metrics; with encode and publish sharing one GIL, the ratio can be at most {raw_s / (raw_s + floor_s):.2f})",
+        f"buffer alone        {alone_s * 1e3:12.1f} ms  (fetch and delete of the same rows, no network:"
+        f" {alone_s / raw_s:.2f} x the raw publish time)",
         f"raw paho publish    {raw:12,.0f} msgs/s  (the same DDATA payloads)",
         f"gateway drain       {msgs_s:12,.0f} DDATA msgs/s  ({metrics / elapsed:,.0f} metrics/s,"
         f" {fmt.ddata} DDATA of {fmt.ddata_bytes / fmt.ddata:,.0f} B avg)",
