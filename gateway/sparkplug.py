@@ -15,7 +15,9 @@ gateway id. What goes where:
   DBIRTH when it is back. A metric not in the last birth (or a value its type cannot hold)
   makes a new DBIRTH first, so a birth always lists what the data uses.
 - Tag values come from `values/` rows (report by exception, gateway.report), features from
-  `features/` rows, alarm states from `alarms/` rows as NDATA. `seq` runs 0..255 over every
+  `features/` rows, alarm states from `alarms/` rows as NDATA. A values row is stored already
+  encoded as DDATA metrics (ValueEncoder, against the configuration's Catalog), so a backlog is
+  sent by joining bytes; rows encoded against another catalog are read back and encoded anew. `seq` runs 0..255 over every
   node message after NBIRTH (which is 0).
 - Store and forward: rows wait in the buffer while the broker, or the primary host application
   (`primary_host_id`, its retained `spBv1.0/STATE/{id}` JSON `online`), is away. A STATE offline
