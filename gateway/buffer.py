@@ -486,9 +486,10 @@ class Buffer:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def note(self, key: str, value: str) -> None:
-        """Keep `value` under `key` with the rows (e.g. what encoded rows need to be read back)."""
-        self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+    def note(self, key: str, value: str) -> bool:
+        """Keep `value` under `key` with the rows (e.g. what encoded rows need to be read back).
+        False: the disk is full and it could not be written."""
+        return self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
     def noted(self, key: str) -> str | None:
         return self._meta(key)

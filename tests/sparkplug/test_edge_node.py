@@ -412,6 +412,8 @@ async def test_primary_host_state_holds_data_then_history_in_order(tmp_path, mos
             assert [m.kind for m in col.all()] == ["STATE"]  # no birth, no data while the host is away
             held = buffer.link_depth(up.name)
             assert held >= 0.5 * HOLD_S / 0.1
+            waiting = [r for r in buffer.dump(20) if r["topic"] == "values/press1"]
+            assert waiting and all("encoded" in r for r in waiting)  # stored as DDATA metrics, not JSON
 
             col.publish(state_topic, json.dumps({"online": True, "timestamp": ps.get_current_timestamp()}),
                         retain=True)
