@@ -328,10 +328,15 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     limit.phase("the buffer alone to fetch and delete the rows")
     alone_s = spb_buffer_alone(buffer, work, up_cfg.name, up_cfg.batch)
     limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
-    raw = raw_publish(port, messages, args.inflight, "raw-spb")
+    raw_first = raw_publish(port, messages, args.inflight, "raw-spb")
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
     elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg))
     buffer.close()
+    # Raw again, after the drain: the first run also warms the broker up, which the drain then
+    # profits from. The faster of the two is the one compared with.
+    limit.phase("raw paho QoS 1 publishes of the DDATA payloads (again) to be acknowledged")
+    raw_again = raw_publish(port, messages, args.inflight, "raw-spb-2")
+    raw = max(raw_first, raw_again)
     if up.published != args.spb_rows or not fmt.ddata:
         raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA")
     # The drain's fetches need not cut the rows where encode-alone did (its window of messages in
@@ -351,7 +356,8 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         f" {len(messages) / enc_s:,.0f} DDATA/s; best of 3)",
         f"buffer alone        {alone_s * 1e3:12.1f} ms  (fetch and delete of the same rows, no network:"
         f" {alone_s / raw_s:.2f} x the raw publish time)",
-        f"raw paho publish    {raw:12,.0f} msgs/s  (the same DDATA payloads)",
+        f"raw paho publish    {raw:12,.0f} msgs/s  (the same DDATA payloads; the faster of {raw_first:,.0f} before"
+        f" and {raw_again:,.0f} after the drain)",
         f"gateway drain       {msgs_s:12,.0f} DDATA msgs/s  ({metrics / elapsed:,.0f} metrics/s,"
         f" {fmt.ddata} DDATA of {fmt.ddata_bytes / fmt.ddata:,.0f} B avg)",
         f"ratio drain/raw     {raw_s / elapsed:12.2f}  (raw time / drain time for the same metrics; target {SPB_TARGET})",
