@@ -226,8 +226,8 @@ def spb_buffer_alone(buffer: Buffer, work: Path, link: str, batch: int) -> float
     of `batch`, each acknowledged), on a copy of the file: what store and forward costs before
     any byte goes out."""
     copy = work / "alone.db"
-    with sqlite3.connect(copy) as dst:
-        buffer.conn.backup(dst)
+    dst = sqlite3.connect(copy)
+    buffer.conn.backup(dst)
     dst.close()
     alone = Buffer(copy, "bench")
     alone.set_links([(link, SparkplugFormat.kinds)])

@@ -260,7 +260,7 @@ class Buffer:
             self._next_seq, _ = self._start_seq(moved_aside=None)
             self._seq_reserved = 1 << 62  # never writes the side file
             self._bytes, self._depth = self.conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
-            self._dropped_total = int(self._meta("dropped") or 0)
+            self._dropped_total = int(self.noted("dropped") or 0)
             tables = self._tables()
             if "links" in tables and "owed" in self._columns():
                 found = [Link(n, b) for n, b in self.conn.execute("SELECT name, bit FROM links ORDER BY bit")]
@@ -302,7 +302,7 @@ class Buffer:
         else:
             self._seq_reserved = max(self._next_seq - 1, self._read_seq_file() or 0)
         self._bytes, self._depth = conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM outbox").fetchone()
-        self._dropped_total = int(self._meta("dropped") or 0)
+        self._dropped_total = int(self.noted("dropped") or 0)
         self._count_links()
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // self._page_size)}")
@@ -328,7 +328,7 @@ class Buffer:
         a new install starts at 1; but when a buffer existed before (side file unreadable, or the
         database moved aside as corrupt), its seqs are unknown: start from the clock."""
         max_row = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0]
-        meta = self._meta("last_seq")
+        meta = self.noted("last_seq")
         last = max(max_row, _int_or_none(meta) or 0)
         if last:
             return last + 1, None
@@ -482,17 +482,14 @@ class Buffer:
                 self._link_depth[link.bit], self._link_bytes[link.bit] = n, size
         self._link_oldest = {}
 
-    def _meta(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
-
     def note(self, key: str, value: str) -> bool:
         """Keep `value` under `key` with the rows (e.g. what encoded rows need to be read back).
         False: the disk is full and it could not be written."""
         return self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
     def noted(self, key: str) -> str | None:
-        return self._meta(key)
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -190,7 +190,7 @@ class ValueEncoder:
     def __init__(self, tags: dict[str, dict[str, tuple[int, int]]], fingerprint: bytes) -> None:
         self.tags = tags  # a Catalog's
         self.fingerprint = fingerprint
-        self.catalog_key = CATALOG_KEY + fingerprint.hex()
+        self.catalog_key = catalog_key(fingerprint)
 
     def catalog_json(self) -> str:
         return orjson.dumps(self.tags).decode()
@@ -207,7 +207,7 @@ class ValueEncoder:
             if entry is None:
                 return None
             alias, datatype = entry
-            if not (type(value) is float and datatype not in _NOT_NUMBERS) and not _fits(datatype, value):
+            if not _fits(datatype, value):
                 return None
             if ts != last_ts:
                 last_ts, last_ms = ts, _ms(ts)
@@ -216,9 +216,25 @@ class ValueEncoder:
             pm = add(alias=alias, timestamp=last_ms, is_historical=True)
             _set_value(pm, datatype, value)
             if say:
-                pm.properties.keys.append("Quality")
-                pm.properties.values.add(type=pb.INT32, int_value=QUALITY_CODE.get(quality, 0))
+                _say_quality(pm, QUALITY_CODE.get(quality, 0))
         return STORED.pack(self.fingerprint, newest, len(rows)) + p.SerializeToString()
+
+
+def _say_quality(pm: Any, code: int) -> None:
+    """The metric's Quality property (Int32, an OPC DA code)."""
+    pm.properties.keys.append("Quality")
+    pm.properties.values.add(type=pb.INT32, int_value=code)
+
+
+def catalog_key(fingerprint: bytes) -> str:
+    """Where the buffer keeps the catalog of that fingerprint (Buffer.note)."""
+    return CATALOG_KEY + fingerprint.hex()
+
+
+def _stored_catalog(fingerprint: bytes, noted: Callable[[str], str | None] | None) -> dict[int, tuple[str, int]] | None:
+    """alias -> (tag, datatype) of the catalog kept in the buffer (None: it holds none)."""
+    text = noted(catalog_key(fingerprint)) if noted is not None else None
+    return _by_alias(orjson.loads(text)) if text else None
 
 
 def _by_alias(tags: dict[str, dict[str, Any]]) -> dict[int, tuple[str, int]]:
@@ -238,11 +254,10 @@ def _stored_points(metrics_bytes: bytes, by_alias: dict[int, tuple[str, int]]) -
 def read_stored(encoded: bytes, noted: Callable[[str], str | None]) -> dict[str, Any]:
     """An encoded values row as its JSON would be (`buffer dump`); `noted`: Buffer.noted."""
     fingerprint, _, _ = STORED.unpack_from(encoded)
-    text = noted(CATALOG_KEY + fingerprint.hex())
-    if not text:
+    by_alias = _stored_catalog(fingerprint, noted)
+    if by_alias is None:
         return {"error": f"encoded against catalog {fingerprint.hex()}, which the buffer does not hold"}
-    points = _stored_points(encoded[STORED.size:], _by_alias(orjson.loads(text)))
-    return {"values": [list(p) for p in points]}
+    return {"values": [list(p) for p in _stored_points(encoded[STORED.size:], by_alias)]}
 
 
 def _live(historical: bytes) -> bytes:
@@ -284,7 +299,7 @@ class SparkplugFormat:
         self.reported: Callable[[str], tuple[Any, float, str] | None] | None = None
         # key -> what the buffer keeps under it (Buffer.noted): the catalogs of encoded rows
         self.stored_catalog: Callable[[str], str | None] | None = None
-        self._catalogs: dict[bytes, dict[int, tuple[str, str, int]] | None] = {}  # fingerprint -> alias -> ...
+        self._catalogs: dict[bytes, dict[int, tuple[str, int]]] = {}  # fingerprint -> alias -> (tag, datatype)
 
     def value_encoder(self) -> ValueEncoder:
         """What encodes values rows when they are stored (the ExceptionReporter's `encode`); every
@@ -382,8 +397,8 @@ class SparkplugFormat:
         metrics = self.devices[device]
         if self.reported is not None:
             self._newest_reported(device, metrics)
-        # Tails are encoded with the catalog's types: with another type in this birth (a value
-        # that did not fit made it), the device's rows are encoded from their JSON instead.
+        # Values rows are stored encoded with the catalog's types: with another type in this birth
+        # (a value that did not fit made it), the device's rows are read back and encoded afresh.
         by_name = metrics.by_name
         if any(by_name[tag].datatype != datatype for tag, (_, datatype) in self._stored_tags.get(device, {}).items()):
             self._drifted.add(device)
@@ -417,8 +432,7 @@ class SparkplugFormat:
                 pm.timestamp = _ms(m.ts)
             _set_value(pm, m.datatype, m.value)
             if m.name not in (BDSEQ, REBIRTH):
-                pm.properties.keys.append("Quality")
-                pm.properties.values.add(type=pb.INT32, int_value=m.quality)
+                _say_quality(pm, m.quality)
             out.append(pm)
         return out
 
@@ -456,6 +470,18 @@ class SparkplugFormat:
                 for message in self._rebirth_for(device):
                     out.append(([], message))
 
+        def add(device: str | None, row: Row, chunk: bytes, count: int) -> None:
+            """A row's encoded metrics into its device's message (protobuf reads a repeated field
+            split across a message as one list), which goes out once it holds MAX_METRICS."""
+            entry = groups.get(device)
+            if entry is None:
+                entry = groups[device] = [[], [], 0]
+            entry[0].append(row)
+            entry[1].append(chunk)
+            entry[2] += count
+            if entry[2] >= MAX_METRICS:
+                flush(device)
+
         def back(device: str | None, newest: float) -> None:
             down_since = self._down_since.get(device)
             if down_since is not None and newest > down_since:
@@ -473,8 +499,7 @@ class SparkplugFormat:
                         back(device, newest)
                         if device not in self.born:
                             birth_if_needed(device, self.devices[device], [])
-                        self._add(groups, flush, device, row, metrics_bytes if historical else _live(metrics_bytes),
-                                  count)
+                        add(device, row, metrics_bytes if historical else _live(metrics_bytes), count)
                         continue
                     points = self._read_stored(fingerprint, metrics_bytes, row)
                     if points is None:
@@ -497,13 +522,13 @@ class SparkplugFormat:
             metrics = self.node_metrics if device is None else self.devices.setdefault(device, _Set(self._aliases))
             birth_if_needed(device, metrics, points)
             p = pb.Payload()
-            add, by_name = p.metrics.add, metrics.by_name
+            add_metric, by_name = p.metrics.add, metrics.by_name
             last_ts, last_ms = _NO_TS, 0  # the points of a row mostly share one timestamp
             for name, value, ts, quality in points:
                 if ts != last_ts:
                     last_ts, last_ms = ts, _ms(ts)
-                self._data_metric(add, by_name[name], value, ts, last_ms, quality, historical)
-            self._add(groups, flush, device, row, p.SerializeToString(), len(points))
+                self._data_metric(add_metric, by_name[name], value, ts, last_ms, quality, historical)
+            add(device, row, p.SerializeToString(), len(points))
         for device in list(groups):
             flush(device)
             if device in self._down_since and device in self.born:
@@ -516,30 +541,16 @@ class SparkplugFormat:
         it was encoded against. None: that catalog is not to be found (logged; the row is lost)."""
         by_alias = self._catalogs.get(fingerprint)
         if by_alias is None:
-            text = None
-            if fingerprint != self._fingerprint and self.stored_catalog is not None:
-                text = self.stored_catalog(CATALOG_KEY + fingerprint.hex())
-            tags = self._stored_tags if fingerprint == self._fingerprint else orjson.loads(text) if text else None
-            if tags is None:
+            if fingerprint == self._fingerprint:
+                by_alias = _by_alias(self._stored_tags)
+            else:
+                by_alias = _stored_catalog(fingerprint, self.stored_catalog)
+            if by_alias is None:
                 log.error("sparkplug.stored_row_unreadable", upstream=self.upstream, seq=row.seq, topic=row.topic,
                           reason=f"no catalog {fingerprint.hex()} in the buffer")
                 return None
-            by_alias = self._catalogs[fingerprint] = _by_alias(tags)
+            self._catalogs[fingerprint] = by_alias
         return _stored_points(metrics_bytes, by_alias)
-
-    @staticmethod
-    def _add(groups: dict[str | None, list], flush: Callable[[str | None], None], device: str | None, row: Row,
-             chunk: bytes, count: int) -> None:
-        """A row's encoded metrics into its device's message (protobuf reads concatenated
-        repeated fields as one list), which goes out once it holds MAX_METRICS."""
-        entry = groups.get(device)
-        if entry is None:
-            entry = groups[device] = [[], [], 0]
-        entry[0].append(row)
-        entry[1].append(chunk)
-        entry[2] += count
-        if entry[2] >= MAX_METRICS:
-            flush(device)
 
     def _needs_birth(self, device: str | None, metrics: _Set, points: list[tuple]) -> bool:
         """Declare what is new; True when a (re)birth must go before these points."""
@@ -572,8 +583,7 @@ class SparkplugFormat:
         _set_value(pm, m.datatype, value)
         code = QUALITY_CODE.get(quality, 0)
         if code != GOOD or m.quality != GOOD:  # good is the default: said only when it becomes good
-            pm.properties.keys.append("Quality")
-            pm.properties.values.add(type=pb.INT32, int_value=code)
+            _say_quality(pm, code)
         m.value, m.ts, m.quality = value, ts, code
 
     # ----- incoming -----

@@ -22,7 +22,8 @@ SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ini"}
 # Literal references that leave the repository, whatever the file's place in the tree: the
 # root's parent, and a relative path that goes up (to any folder beside the checkout).
 OUTSIDE = re.compile("|".join([r"\b(?:REPO|ROOT)\.parent\b", r"['\"]\.\.['\"]", r"['\"]\.\./", r"[/}]\.\./"]))
-UP_DIR = "." * 2  # spelled so, the samples below hold no such path
+UP_DIR = "." * 2  # spelled so, the samples below hold no such path ...
+PARENT = ".par" + "ent"  # ... and no climb out of the checkout either
 # Path(__file__)[.resolve()] followed by .parent / .parents[k] hops: count how far up it goes.
 UP = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?((?:\.parent(?!s)|\.parents\[\d+\])+)")
 
@@ -64,10 +65,10 @@ def test_the_scan_catches_what_it_is_for(tmp_path):
     # The checker itself can fail: each of these lines must be reported.
     bad = tmp_path / "tests" / "analytics" / "test_x.py"
     bad.parent.mkdir(parents=True)
-    lines = ['CWRU = Path(__file__).resolve().parents[2].parent / "data"',
-             'CWRU = Path(__file__).resolve().parent.parent.parent.parent',
+    lines = [f'CWRU = Path(__file__).resolve().parents[2]{PARENT} / "data"',
+             f'CWRU = Path(__file__).resolve(){PARENT * 4}',
              f'DATA = "{UP_DIR}/beside/data/cwru"',
-             'X = REPO.parent / "beside"',
+             f'X = REPO{PARENT} / "beside"',
              f'Y = f"{{ROOT}}/{UP_DIR}/beside/data"']
     bad.write_text("\n".join(lines) + "\nOK = Path(__file__).resolve().parents[2] / 'data'\n")
     import tests.test_self_contained as me
@@ -79,7 +80,7 @@ def test_the_scan_catches_what_it_is_for(tmp_path):
         me.REPO = old
 
 
-# SHA-256 over the raw float64 bytes of each drive-end channel (SOURCE.md beside the data).
+# SHA-256 over the raw float64 bytes of each drive-end channel (tests/data/cwru/SOURCE.md).
 DE_SHA256 = {
     97: "fdc4cfa19e86507a1abf26e07a60b7d0576faed9d21bbf0df070df3e97623b88",
     105: "4434354abec348a31f541557ef3bde6f3527cf954e422932f141e101b3b1c4f9",

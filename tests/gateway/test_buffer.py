@@ -308,7 +308,7 @@ def test_full_disk_evicts_by_policy_keeps_the_newest_and_recovers(small_disk):
     assert sum(r.priority == 2 for r in kept) == 5 and sum(r.priority == 1 for r in kept) == 5
     data = [r.seq for r in kept if r.priority == 0]
     assert data[-1] == b.next_seq - 1 and len(data) >= at_full // 2, "the newest records are kept"
-    assert int(b._meta("dropped")) >= b.dropped_total - 50  # persisted, up to the last batch
+    assert int(b.noted("dropped")) >= b.dropped_total - 50  # persisted, up to the last batch
 
     small_disk.free_space(b)
     with capture_logs() as logged:
