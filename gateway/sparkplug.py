@@ -207,8 +207,8 @@ class ValueEncoder:
             if entry is None:
                 return None
             alias, datatype = entry
-            if not _fits(datatype, value):
-                return None
+            if not (type(value) is float and datatype not in _NOT_NUMBERS) and not _fits(datatype, value):
+                return None  # (floats, most values, skip the call, as in _needs_birth: 0.07 µs/metric)
             if ts != last_ts:
                 last_ts, last_ms = ts, _ms(ts)
                 if ts > newest:
