@@ -44,9 +44,13 @@ class RateConfig(AlarmRuleConfig):
 class SlopeWindow:
     """Least-squares slope of (t, v) points in a sliding window, O(1) per point.
 
-    Sums are kept relative to the oldest point so that epoch-sized timestamps and large values
-    do not cancel, and are recomputed from the points now and then so that rounding from
-    adding and removing cannot build up.
+    Sums are kept relative to a point of the window (the newest when they were last recomputed)
+    so that epoch-sized timestamps and large values do not cancel. They are recomputed from the
+    points when that point leaves the window (relative to a point gone, a spike that has left
+    would keep every difference large: a flat window read as a slope), and every RESUM_EVERY
+    points, so that rounding from adding and removing cannot build up. Between two such
+    recomputes the whole window has passed, so a point is summed again about once while it is
+    in the window: still O(1) per point on average.
     """
 
     def __init__(self) -> None:
@@ -62,7 +66,7 @@ class SlopeWindow:
         self._resum()
 
     def _resum(self) -> None:
-        self._t0, self._v0 = self.points[0] if self.points else (0.0, 0.0)
+        self._t0, self._v0 = self.points[-1] if self.points else (0.0, 0.0)
         self._st = self._sv = self._stt = self._stv = 0.0
         for t, v in self.points:
             self._add_sums(t, v, 1.0)
@@ -75,9 +79,16 @@ class SlopeWindow:
         self._stt += sign * dt * dt
         self._stv += sign * dt * dv
 
+    def _pop_oldest(self) -> None:
+        t, v = self.points.popleft()
+        if t >= self._t0:  # the point the sums are relative to has left (points are in time order)
+            self._resum()
+        else:
+            self._add_sums(t, v, -1.0)
+
     def add(self, t: float, v: float) -> None:
         if len(self.points) >= MAX_POINTS:
-            self._add_sums(*self.points.popleft(), -1.0)
+            self._pop_oldest()
         if not self.points:
             self.points.append((t, v))
             self._resum()
@@ -88,7 +99,7 @@ class SlopeWindow:
 
     def drop_older_than(self, oldest: float) -> None:
         while self.points and self.points[0][0] < oldest:
-            self._add_sums(*self.points.popleft(), -1.0)
+            self._pop_oldest()
             self._count()
 
     def _count(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -122,6 +123,20 @@ def test_the_running_slope_matches_a_direct_least_squares_fit(steps, window):
     expected = np.polyfit(ts, vs, 1)[0]
     scale = max(1.0, float(np.ptp(vs)) / max(float(np.ptp(ts)), 1e-9))
     assert slopes.slope() == pytest.approx(expected, rel=1e-6, abs=1e-6 * scale)
+
+
+def test_a_spike_that_has_left_the_window_leaves_no_slope_behind():
+    """A flat window after a spike reads as flat: the sums are not kept relative to a point
+    that has left (every difference would then be the spike's size, and cancel inexactly)."""
+    rnd = random.Random(7)
+    slopes = SlopeWindow()
+    t = 1.8e9
+    for i in range(300):
+        t += rnd.uniform(0.01, 5)
+        slopes.add(t, 348165.0 if i < 10 else 0.0)
+        slopes.drop_older_than(t - 20)
+    assert all(v == 0.0 for _, v in slopes.points) and len(slopes) >= 2
+    assert slopes.slope() == 0.0
 
 
 def test_running_sums_are_recomputed_so_rounding_cannot_build_up():
