@@ -77,7 +77,7 @@ class Pipeline:
             # to read them back after the configuration changed); births carry the newest reported.
             spb = [u.format for u in self.upstreams if hasattr(u.format, "value_encoder")]
             encoder = spb[0].value_encoder() if spb else None
-            if encoder is not None and not buffer.note(encoder.catalog_key, encoder.catalog_json()):
+            if encoder is not None and not encoder.keep_in(buffer):
                 log.warning("sparkplug.values_as_json", reason="the catalog could not be written to the buffer",
                             hint="values are stored as JSON, which any configuration reads back")
                 encoder = None

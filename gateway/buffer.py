@@ -487,6 +487,18 @@ class Buffer:
         False: the disk is full and it could not be written."""
         return self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
+    def forget(self, prefix: str, keep: str) -> int:
+        """Drop the notes whose keys start with `prefix`, except `keep`; how many went."""
+        gone = 0
+
+        def delete(conn: sqlite3.Connection) -> None:
+            nonlocal gone
+            gone = conn.execute("DELETE FROM meta WHERE substr(key, 1, ?)=? AND key<>?",
+                                (len(prefix), prefix, keep)).rowcount
+
+        self._write(delete)
+        return gone
+
     def noted(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None

@@ -195,6 +195,18 @@ class ValueEncoder:
     def catalog_json(self) -> str:
         return orjson.dumps(self.tags).decode()
 
+    def keep_in(self, buffer: Any) -> bool:
+        """Note the catalog in `buffer` (a Buffer). When the buffer holds no row, older catalogs
+        go: no row can need them (else they stay as long as rows may). False: the catalog could
+        not be written (the disk is full)."""
+        if not buffer.note(self.catalog_key, self.catalog_json()):
+            return False
+        if buffer.depth == 0:
+            gone = buffer.forget(CATALOG_KEY, keep=self.catalog_key)
+            if gone:
+                log.info("sparkplug.catalogs_forgotten", count=gone, reason="no buffered row was encoded against them")
+        return True
+
     def __call__(self, device: str, rows: list[list[Any]], said: list[bool]) -> bytes | None:
         tags = self.tags.get(device)
         if tags is None:

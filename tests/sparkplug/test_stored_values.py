@@ -116,7 +116,7 @@ def test_a_backlog_is_joined_into_few_messages(tmp_path):
 def store(buffer, cfg, samples_by_poll, fmt):
     """As the Pipeline does: the catalog noted in the buffer, rows encoded against it."""
     enc = fmt.value_encoder()
-    buffer.note(enc.catalog_key, enc.catalog_json())
+    assert enc.keep_in(buffer)
     rep = ExceptionReporter(cfg.report_policy(), encode=enc)
     for poll in samples_by_poll:
         buffer.append(rep.offer(poll))
@@ -149,6 +149,27 @@ def test_stored_rows_are_read_back_after_the_configuration_changed(tmp_path):
                        ("running", True, 1_765_000_000_000)]
     assert len(got) == reported == 14 and all(m.is_historical for m in ddata.metrics)  # `running` stayed once
     assert [r.seq for r in out[1][0]] == [1, 2, 3]
+
+
+def test_older_catalogs_stay_while_rows_may_need_them_and_go_once_none_is_buffered(tmp_path):
+    old = load(tmp_path)
+    buffer = Buffer(tmp_path / "b.db", "gw1")
+    buffer.set_links([("primary", frozenset({"values", "features", "alarms"}))])
+    fmt_old, _ = started(old)
+    store(buffer, old, polls()[:2], fmt_old)
+    devices = json.loads(json.dumps(CONFIG["devices"]))
+    devices[0]["tags"].reverse()
+    enc_old, enc_new = fmt_old.value_encoder(), started(load(tmp_path, devices, name="g2.yaml"))[0].value_encoder()
+    keys = [enc_old.catalog_key, enc_new.catalog_key]
+    assert enc_new.keep_in(buffer)  # a restart with the new configuration: the rows wait
+    assert [buffer.noted(k) is not None for k in keys] == [True, True]
+    rows = buffer.fetch({}, 100, link="primary")
+    assert rows and rows[0].payload[:1] == ENCODED
+    buffer.ack(rows, link="primary")
+    assert buffer.depth == 0
+    assert enc_new.keep_in(buffer)  # the next start: nothing buffered, nothing needs the old one
+    assert [buffer.noted(k) is not None for k in keys] == [False, True]
+    assert buffer.forget("sparkplug.catalog.", keep=enc_new.catalog_key) == 0
 
 
 def test_a_row_whose_catalog_is_gone_is_logged_not_sent(tmp_path, capsys):
