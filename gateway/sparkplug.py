@@ -449,14 +449,16 @@ class SparkplugFormat:
         return out
 
     def _message(self, kind: str, device: str | None, metrics: list[Any], qos: int, seq: int | None = None,
-                 body: bytes = b"") -> Message:
-        """`body`: metrics already encoded (DDATA/NDATA), after `metrics`."""
+                 body: list[Any] | None = None) -> Message:
+        """`body`: metrics already encoded (DDATA/NDATA; bytes or memoryviews), after `metrics`."""
         if seq is None:
             self.seq = (self.seq + 1) % 256
             seq = self.seq
         p = pb.Payload(timestamp=_ms(time.time()), seq=seq)
         p.metrics.extend(metrics)
-        return Message(self.topic(kind, device), p.SerializeToString() + body, qos=qos, retain=False)
+        head = p.SerializeToString()
+        payload = b"".join([head, *body]) if body else head  # one copy of a backlog's bytes, not two
+        return Message(self.topic(kind, device), payload, qos=qos, retain=False)
 
     # ----- data -----
 
@@ -474,7 +476,7 @@ class SparkplugFormat:
             if got is None:
                 return
             kind = "NDATA" if device is None else "DDATA"
-            out.append((got[0], self._message(kind, device, [], qos=1, body=b"".join(got[1]))))
+            out.append((got[0], self._message(kind, device, [], qos=1, body=got[1])))
 
         def birth_if_needed(device: str | None, metrics: _Set, points: list[tuple]) -> None:
             if self._needs_birth(device, metrics, points):
@@ -506,7 +508,7 @@ class SparkplugFormat:
                 device = row.topic.split("/", 1)[-1]
                 if payload[:1] == ENCODED:
                     fingerprint, newest, count = STORED.unpack_from(payload, 1)
-                    metrics_bytes = payload[1 + STORED.size:]
+                    metrics_bytes = memoryview(payload)[1 + STORED.size:]  # not copied before the join
                     if fingerprint == self._fingerprint and device not in self._drifted:
                         back(device, newest)
                         if device not in self.born:
