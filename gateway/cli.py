@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ def _load(path: str, *, to_run: bool = False):
     return None
 
 
+FREEZE_AFTER = 5.0  # s after start: the drivers have connected and imported their libraries
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
 
@@ -60,6 +62,25 @@ def fix_mmap_threshold() -> bool:
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
+def freeze_startup_objects() -> int:
+    """What the start made (modules, the configuration, the first pipeline) mostly lives as long
+    as the daemon: moved out of the collector's sight (gc.freeze), a full collection no longer
+    walks it. Those passes, 50,000-60,000 objects, took 17-35 ms on the event loop at 100,000
+    points/s and were its longest lags; afterwards they walk only what came since (a few
+    thousand objects, 1-3 ms). Objects frozen are still freed when their last reference goes;
+    only a cycle among them is not (the first pipeline's, once, after a reload). Returns how
+    many were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+async def _run_daemon(app) -> int:
+    loop = asyncio.get_running_loop()
+    loop.call_later(FREEZE_AFTER, lambda: logs.get("gateway.cli").info("gateway.gc_frozen", objects=freeze_startup_objects()))
+    return await app.run()
+
+
 def cmd_run(args) -> int:
     from gateway import statelock
     from gateway.app import App
@@ -81,7 +102,7 @@ def cmd_run(args) -> int:
         print(f"edge-gateway: cannot lock the state directory {cfg.gateway.state_dir}: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(App(cfg, args.config).run())
+        return asyncio.run(_run_daemon(App(cfg, args.config)))
     finally:
         os.close(lock_fd)
 

@@ -346,3 +346,28 @@ def test_full_disk_keeps_the_daemon_running_and_shows_in_health(tmp_path, mosqui
         sim.terminate()
         sim.wait(5)
         subprocess.run(["umount", "-l", str(state)])
+
+
+def test_startup_objects_are_frozen_out_of_the_collectors_sight_and_the_daemon_goes_on(
+        tmp_path, mosquitto, collector_factory):
+    """After FREEZE_AFTER, what the start made is gc.freeze()d (full collections had walked it on
+    the event loop: the longest loop lags under load); health keeps coming afterwards."""
+    from gateway.cli import FREEZE_AFTER
+
+    cfg = write_config(tmp_path, mosquitto.port)
+    collector = collector_factory(mosquitto, "edge/gw1/health")
+    proc = start(cfg, tmp_path)
+    log_path = tmp_path / "daemon.log"
+    try:
+        deadline = time.monotonic() + FREEZE_AFTER + 15
+        while "gateway.gc_frozen" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        line = next((ln for ln in log_path.read_text().splitlines() if "gateway.gc_frozen" in ln), "{}")
+        frozen = json.loads(line).get("objects", 0)  # the daemon logs JSON when not on a terminal
+        assert frozen > 20_000, log_path.read_text()[-2000:]  # modules, the configuration, the pipeline
+        seen = len(collector.json("edge/gw1/health"))
+        assert collector.wait_for(lambda c: len(c.json("edge/gw1/health")) >= seen + 2, 10)
+        assert proc.poll() is None
+    finally:
+        rc, _ = stop(proc)
+    assert rc == 0 and "Traceback" not in log_path.read_text()
