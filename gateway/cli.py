@@ -69,15 +69,16 @@ def freeze_startup_objects() -> int:
     points/s and were its longest lags; afterwards they walk only what came since (a few
     thousand objects, 1-3 ms). Objects frozen are still freed when their last reference goes;
     only a cycle among them is not (the first pipeline's, once, after a reload). Returns how
-    many were frozen."""
+    many were frozen (and logs it)."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    logs.get("gateway.cli").info("gateway.gc_frozen", objects=frozen)
+    return frozen
 
 
 async def _run_daemon(app) -> int:
-    loop = asyncio.get_running_loop()
-    loop.call_later(FREEZE_AFTER, lambda: logs.get("gateway.cli").info("gateway.gc_frozen", objects=freeze_startup_objects()))
+    asyncio.get_running_loop().call_later(FREEZE_AFTER, freeze_startup_objects)
     return await app.run()
 
 

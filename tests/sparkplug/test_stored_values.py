@@ -19,6 +19,7 @@ from gateway import config as config_mod
 from gateway.buffer import ENCODED, Buffer
 from gateway.model import Quality, Sample
 from gateway.report import ExceptionReporter
+from gateway.sparkplug import CATALOG_KEY
 from gateway.upstream_format import create
 from tests.sparkplug.test_sparkplug_format import CONFIG, rows_of
 
@@ -169,7 +170,7 @@ def test_older_catalogs_stay_while_rows_may_need_them_and_go_once_none_is_buffer
     assert buffer.depth == 0
     assert enc_new.keep_in(buffer)  # the next start: nothing buffered, nothing needs the old one
     assert [buffer.noted(k) is not None for k in keys] == [False, True]
-    assert buffer.forget("sparkplug.catalog.", keep=enc_new.catalog_key) == 0
+    assert buffer.forget(CATALOG_KEY, keep=enc_new.catalog_key) == 0
 
 
 def test_a_row_whose_catalog_is_gone_is_logged_not_sent(tmp_path, capsys):
