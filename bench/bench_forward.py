@@ -2,6 +2,7 @@
 
     python bench/bench_forward.py [--records 20000] [--inflight 100] [--only json|sparkplug]
                                   [--spb-rows 2000] [--spb-devices 10] [--spb-tags 100]
+                                  [--spb-max-metrics 2000]
 
 Starts its own Mosquitto on a free loopback port. Two sections, both by default:
 
@@ -16,6 +17,9 @@ sparkplug  `values/{device}` rows made by `ExceptionReporter.offer` (devices of 
            Also, each alone: the protobuf encoding of the values as they are stored
            (`ValueEncoder`, µs per metric), `SparkplugFormat.encode` of the stored rows, and the
            buffer's own fetch and delete of the same rows (a copy of the file, no network).
+           `--spb-max-metrics` sets how many metrics a DDATA holds before the next one starts
+           (the gateway's is `MAX_METRICS`): fewer make more, smaller messages, which is slower
+           in metrics/s but closer to raw paho, whose cost then is per message, not per byte.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from gateway.buffer import Buffer
 from gateway.config import UpstreamConfig
 from gateway.model import Quality, Record, Sample
 from gateway.report import ExceptionReporter
-from gateway.sparkplug import SparkplugFormat
+from gateway.sparkplug import MAX_METRICS, SparkplugFormat
 from gateway.upstream import Upstream
 
 PAYLOAD_BYTES = 200
@@ -262,7 +266,8 @@ def spb_buffer_alone(buffer: Buffer, work: Path, link: str, batch: int) -> float
     return elapsed
 
 
-def spb_encode(buffer: Buffer, cfg, batch: int, repeat: int = 3) -> tuple[float, list[tuple[str, bytes]], int]:
+def spb_encode(buffer: Buffer, cfg, batch: int, max_metrics: int,
+               repeat: int = 3) -> tuple[float, list[tuple[str, bytes]], int]:
     """`SparkplugFormat.encode` alone over the buffered rows, fetched as the upstream does
     (batches of `batch`, historical: they waited in the buffer), by a fresh format each time
     (so each pass has its DBIRTHs too). Returns the best encode time of `repeat` passes, the
@@ -280,6 +285,7 @@ def spb_encode(buffer: Buffer, cfg, batch: int, repeat: int = 3) -> tuple[float,
     best = float("inf")
     for _ in range(repeat):
         fmt = SparkplugFormat(up, cfg, started_at=time.time())
+        fmt.max_metrics = max_metrics
         fmt.will()
         fmt.births()
         out = []
@@ -311,9 +317,10 @@ class CountingFormat(SparkplugFormat):
         return out
 
 
-async def spb_drain(buffer: Buffer, cfg) -> tuple[float, CountingFormat, Upstream]:
+async def spb_drain(buffer: Buffer, cfg, max_metrics: int) -> tuple[float, CountingFormat, Upstream]:
     up_cfg = cfg.upstreams[0]
     fmt = CountingFormat(up_cfg, cfg, started_at=time.time())
+    fmt.max_metrics = max_metrics
     names = [d.name for d in cfg.devices]
     made: list[Upstream] = []
 
@@ -339,7 +346,7 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     limit.phase("the buffer to take the Sparkplug values rows")
     ingest, encoding_s = spb_fill(buffer, cfg, args.spb_rows)
     limit.phase("SparkplugFormat.encode alone")
-    enc_s, messages, metrics = spb_encode(buffer, cfg, up_cfg.batch)
+    enc_s, messages, metrics = spb_encode(buffer, cfg, up_cfg.batch, args.spb_max_metrics)
     if not messages:
         raise RuntimeError("sparkplug: encode made no DDATA")
     limit.phase("the buffer alone to fetch and delete the rows")
@@ -347,7 +354,7 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
     raw_first = raw_publish(port, messages, args.inflight, "raw-spb")
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
-    elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg))
+    elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg, args.spb_max_metrics))
     buffer.close()
     # Raw again, after the drain: the first run also warms the broker up, which the drain then
     # profits from. The faster of the two is the one compared with.
@@ -364,7 +371,8 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     size = sum(len(b) for _, b in messages) / len(messages)
     return [
         f"sparkplug           {args.spb_rows} values rows ({args.spb_devices} devices x {args.spb_tags} tags),"
-        f" {metrics:,} metrics in {len(messages)} DDATA of {size:,.0f} B avg, QoS 1, max_inflight {args.inflight}",
+        f" {metrics:,} metrics in {len(messages)} DDATA of {size:,.0f} B avg (a DDATA ends at"
+        f" {args.spb_max_metrics:,} metrics), QoS 1, max_inflight {args.inflight}",
         f"buffer ingest       {ingest:12,.0f} rows/s  (ExceptionReporter.offer and Buffer.append, one poll of"
         f" every device per append)",
         f"protobuf encode     {encoding_s / metrics * 1e6:12.2f} µs/metric  (ValueEncoder, once, as the rows are"
@@ -391,10 +399,13 @@ def main() -> None:
     ap.add_argument("--spb-rows", type=int, default=2_000, help="sparkplug: values rows (one device poll each)")
     ap.add_argument("--spb-devices", type=int, default=10)
     ap.add_argument("--spb-tags", type=int, default=100, help="sparkplug: scalar tags per device")
+    ap.add_argument("--spb-max-metrics", type=int, default=MAX_METRICS,
+                    help="sparkplug: metrics in a DDATA before the next one starts (the gateway's: %(default)s)")
     args = ap.parse_args()
     if not (1 <= args.spb_rows <= 100_000 and 1 <= args.spb_devices <= 1000 and 1 <= args.spb_tags <= 2000
-            and 1 <= args.records <= 1_000_000):
-        ap.error("counts out of range: --records 1..1e6, --spb-rows 1..1e5, --spb-devices 1..1000, --spb-tags 1..2000")
+            and 1 <= args.records <= 1_000_000 and 1 <= args.spb_max_metrics <= 100_000):
+        ap.error("counts out of range: --records 1..1e6, --spb-rows 1..1e5, --spb-devices 1..1000, --spb-tags 1..2000,"
+                 " --spb-max-metrics 1..1e5")
     limit = TimeLimit("bench_forward", args.limit)
     json_lines: list[str] = []
     spb_lines: list[str] = []

@@ -312,6 +312,7 @@ class SparkplugFormat:
         # key -> what the buffer keeps under it (Buffer.noted): the catalogs of encoded rows
         self.stored_catalog: Callable[[str], str | None] | None = None
         self._catalogs: dict[bytes, dict[int, tuple[str, int]]] = {}  # fingerprint -> alias -> (tag, datatype)
+        self.max_metrics = MAX_METRICS  # a DDATA holding this many goes out (bench_forward varies it)
 
     def value_encoder(self) -> ValueEncoder:
         """What encodes values rows when they are stored (the ExceptionReporter's `encode`); every
@@ -486,14 +487,14 @@ class SparkplugFormat:
 
         def add(device: str | None, row: Row, chunk: bytes, count: int) -> None:
             """A row's encoded metrics into its device's message (protobuf reads a repeated field
-            split across a message as one list), which goes out once it holds MAX_METRICS."""
+            split across a message as one list), which goes out once it holds `max_metrics`."""
             entry = groups.get(device)
             if entry is None:
                 entry = groups[device] = [[], [], 0]
             entry[0].append(row)
             entry[1].append(chunk)
             entry[2] += count
-            if entry[2] >= MAX_METRICS:
+            if entry[2] >= self.max_metrics:
                 flush(device)
 
         def back(device: str | None, newest: float) -> None:

@@ -114,6 +114,23 @@ def test_a_backlog_is_joined_into_few_messages(tmp_path):
     assert 150 < reported < 200 and len(tahu.Payload.FromString(message.payload).metrics) == reported
 
 
+
+def test_a_backlog_message_ends_at_max_metrics_and_the_next_takes_the_rest(tmp_path):
+    cfg = load(tmp_path)
+    fmt, _ = started(cfg)
+    fmt.max_metrics = 20
+    rep = ExceptionReporter(cfg.report_policy(), encode=fmt.value_encoder())
+    rows = []
+    for poll in polls():
+        rows += rep.offer(poll)
+    out = fmt.encode(rows_of(rows), historical=True)
+    counts = [len(tahu.Payload.FromString(m.payload).metrics) for _, m in out]
+    assert len(out) > 5 and all(n >= 20 for n in counts[:-1]) and max(counts) < 20 + 5  # a row is never split
+    # every row acknowledged by exactly one message, in order, and every metric sent once
+    assert [r.seq for acks, _ in out for r in acks] == list(range(1, 41))
+    assert sum(counts) == sum(len(r.payload["values"]) for r in rows)
+
+
 def store(buffer, cfg, samples_by_poll, fmt):
     """As the Pipeline does: the catalog noted in the buffer, rows encoded against it."""
     enc = fmt.value_encoder()
