@@ -38,6 +38,8 @@ def _load(path: str, *, to_run: bool = False):
     return None
 
 
+log = logs.get("gateway.cli")
+
 FREEZE_AFTER = 5.0  # s after start: the drivers have connected and imported their libraries
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
@@ -73,7 +75,7 @@ def freeze_startup_objects() -> int:
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
-    logs.get("gateway.cli").info("gateway.gc_frozen", objects=frozen)
+    log.info("gateway.gc_frozen", objects=frozen)
     return frozen
 
 
@@ -96,7 +98,7 @@ def cmd_run(args) -> int:
         # Held (the descriptor stays open) for the life of the process, across reloads.
         lock_fd = statelock.acquire(cfg.gateway.state_dir)
     except statelock.AlreadyRunning as exc:
-        logs.get("gateway.cli").error("gateway.already_running", lock=str(exc.path), pid=exc.pid)
+        log.error("gateway.already_running", lock=str(exc.path), pid=exc.pid)
         print(f"edge-gateway: {exc}; nothing was started", file=sys.stderr)
         return 2
     except OSError as exc:

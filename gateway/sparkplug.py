@@ -471,6 +471,7 @@ class SparkplugFormat:
         out: list[tuple[list[Row], Message]] = []
         # device (None: node) -> [rows, encoded metrics, how many]
         groups: dict[str | None, list] = {}
+        max_metrics = self.max_metrics
 
         def flush(device: str | None) -> None:
             got = groups.pop(device, None)
@@ -494,7 +495,7 @@ class SparkplugFormat:
             entry[0].append(row)
             entry[1].append(chunk)
             entry[2] += count
-            if entry[2] >= self.max_metrics:
+            if entry[2] >= max_metrics:
                 flush(device)
 
         def back(device: str | None, newest: float) -> None:

@@ -114,7 +114,6 @@ def test_a_backlog_is_joined_into_few_messages(tmp_path):
     assert 150 < reported < 200 and len(tahu.Payload.FromString(message.payload).metrics) == reported
 
 
-
 def test_a_backlog_message_ends_at_max_metrics_and_the_next_takes_the_rest(tmp_path):
     cfg = load(tmp_path)
     fmt, _ = started(cfg)
