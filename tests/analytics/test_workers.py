@@ -64,7 +64,6 @@ def same(a, b) -> bool:
     return a == b
 
 
-
 async def until(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:
@@ -85,7 +84,10 @@ async def test_loop_keeps_ticking_while_a_burst_is_computed_and_the_old_path_wou
     await tick
     assert len(records) == streams * each
     blocked = max(old_lags)
-    assert blocked > 0.15, blocked  # the measurement sees a blocked loop
+    # the measurement sees a blocked loop: five ticks of the 10 ms timer missed at least (the
+    # first burst in a process blocks 0.5 s; once the feature code is warm, as after other
+    # tests in the same session, 0.11-0.14 s)
+    assert blocked > 0.05, blocked
 
     eng, sink = engine(streams), Sink()
     pool = FeaturePool(eng, sink, workers=2, capacity=1000, stop_bound=3.0)
