@@ -86,11 +86,16 @@ async def test_upstream_delivers_within_1s_of_the_broker_restart(tmp_path, mosqu
             buffer.append([Record("data/press1", {"late": True}, time.time())])
             up.wake()
             await asyncio.sleep(0.05)
-        first_ack = time.monotonic()
+        first_delivery = time.monotonic()
         collector.loop_stop()
         collector.disconnect()
+        # The broker may hand the message on before the gateway has read its PUBACK, and the
+        # upstream counts acks when its pump next turns: wait for the count, briefly.
+        counted = time.monotonic() + 2
+        while up.published <= published and time.monotonic() < counted:
+            await asyncio.sleep(0.02)
         assert received.is_set() and up.published > published
-        assert first_ack - back < 1.0, f"first delivery {first_ack - back:.2f} s after the broker was back"
+        assert first_delivery - back < 1.0, f"first delivery {first_delivery - back:.2f} s after the broker was back"
     finally:
         up.stop()
         await asyncio.wait_for(task, 10)
