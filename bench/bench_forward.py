@@ -17,6 +17,9 @@ sparkplug  `values/{device}` rows made by `ExceptionReporter.offer` (devices of 
            Also, each alone: the protobuf encoding of the values as they are stored
            (`ValueEncoder`, µs per metric), `SparkplugFormat.encode` of the stored rows, and the
            buffer's own fetch and delete of the same rows (a copy of the file, no network).
+           And the storage-free drain: the same Upstream and format over the same rows read into
+           memory beforehand, acks only counted, so nothing touches SQLite while it runs: the
+           ceiling of the drain/raw ratio if store and forward cost nothing.
            `--spb-max-metrics` sets how many metrics a DDATA holds before the next one starts
            (the gateway's is `MAX_METRICS`): fewer make more, smaller messages, which is slower
            in metrics/s but closer to raw paho, whose cost then is per message, not per byte.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import os
 import shutil
 import socket
@@ -242,15 +246,19 @@ def spb_fill(buffer: Buffer, cfg, rows: int) -> tuple[float, float]:
     return rows / elapsed, encoding[0]
 
 
+def copy_of(buffer: Buffer, path: Path) -> Path:
+    """A copy of the buffer's file (SQLite's online backup), to measure on without touching it."""
+    dst = sqlite3.connect(path)
+    buffer.conn.backup(dst)
+    dst.close()
+    return path
+
+
 def spb_buffer_alone(buffer: Buffer, work: Path, link: str, batch: int) -> float:
     """Seconds for the buffer alone to fetch and delete every row, as the upstream does (batches
     of `batch`, each acknowledged), on a copy of the file: what store and forward costs before
     any byte goes out."""
-    copy = work / "alone.db"
-    dst = sqlite3.connect(copy)
-    buffer.conn.backup(dst)
-    dst.close()
-    alone = Buffer(copy, "bench")
+    alone = Buffer(copy_of(buffer, work / "alone.db"), "bench")
     alone.set_links([(link, SparkplugFormat.kinds)])
     cursor: dict[int, int] = {}
     t0 = time.perf_counter()
@@ -297,6 +305,37 @@ def spb_encode(buffer: Buffer, cfg, batch: int, max_metrics: int,
     messages = [(m.topic, m.payload) for _, m in out if m.topic.startswith(ddata)]
     metrics = sum(len(pb.Payload.FromString(body).metrics) for _, body in messages)
     return best, messages, metrics
+
+
+class StorageFree(Buffer):
+    """The drain's ceiling: a copy of the buffer whose rows are read into memory before the clock
+    starts, then fetched from lists and acknowledged by counting. Nothing is read from or deleted
+    in SQLite during the drain: what the Sparkplug drain would reach if store and forward cost
+    nothing (a measuring stand-in; the gateway never does this)."""
+
+    def __init__(self, path: Path, gateway_id: str, link: str) -> None:
+        super().__init__(path, gateway_id)
+        self.set_links([(link, SparkplugFormat.kinds)])
+        self.by_priority: dict[int, list] = {}
+        cursor: dict[int, int] = {}
+        while rows := super().fetch(cursor, 10_000, link=link):
+            for r in rows:
+                cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
+                self.by_priority.setdefault(r.priority, []).append(r)
+        self.seqs = {p: [r.seq for r in rows] for p, rows in self.by_priority.items()}
+        self.left = sum(len(rows) for rows in self.by_priority.values())
+
+    depth = property(lambda self: self.left)
+
+    def fetch(self, after, limit, now=None, link=None):
+        out = []
+        for p in sorted(self.by_priority, reverse=True):
+            start = bisect.bisect_right(self.seqs[p], after.get(p, 0))
+            out.extend(self.by_priority[p][start:start + limit - len(out)])
+        return out
+
+    def ack(self, rows, link=None) -> None:
+        self.left -= len(rows)
 
 
 class CountingFormat(SparkplugFormat):
@@ -351,6 +390,7 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         raise RuntimeError("sparkplug: encode made no DDATA")
     limit.phase("the buffer alone to fetch and delete the rows")
     alone_s = spb_buffer_alone(buffer, work, up_cfg.name, up_cfg.batch)
+    ceiling_db = copy_of(buffer, work / "ceiling.db")  # for the storage-free drain, before this one empties
     limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
     raw_first = raw_publish(port, messages, args.inflight, "raw-spb")
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
@@ -363,6 +403,12 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     raw = max(raw_first, raw_again)
     if up.published != args.spb_rows or not fmt.ddata:
         raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA")
+    limit.phase("the storage-free drain (rows from memory, acks counted) to finish")
+    free = StorageFree(ceiling_db, cfg.gateway.id, up_cfg.name)
+    free_s, free_fmt, free_up = asyncio.run(spb_drain(free, cfg, args.spb_max_metrics))
+    free.close()
+    if free_up.published != args.spb_rows:
+        raise RuntimeError(f"storage-free drain: {free_up.published}/{args.spb_rows} rows acknowledged")
     # The drain's fetches need not cut the rows where encode-alone did (its window of messages in
     # flight decides), so it may send a few more, smaller DDATA: the ratio is of the time taken for
     # the same rows and metrics.
@@ -386,6 +432,8 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         f"gateway drain       {msgs_s:12,.0f} DDATA msgs/s  ({metrics / elapsed:,.0f} metrics/s,"
         f" {fmt.ddata} DDATA of {fmt.ddata_bytes / fmt.ddata:,.0f} B avg)",
         f"ratio drain/raw     {raw_s / elapsed:12.2f}  (raw time / drain time for the same metrics; target {SPB_TARGET})",
+        f"storage-free drain  {free_fmt.ddata / free_s:12,.0f} DDATA msgs/s  (ratio {raw_s / free_s:.2f}: the same rows"
+        f" fetched from memory, acks only counted: this drain's ceiling if the buffer cost nothing)",
     ]
 
 
