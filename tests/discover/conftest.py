@@ -35,20 +35,29 @@ def write_config(tmp_path, skeleton: str):
     return config.load(path)
 
 
-async def read_all(device, timeout: float = 15.0) -> dict[str, Sample | Waveform]:
-    """The first good value of every tag of `device`, read by its driver (missing: not read)."""
+async def read_all(device, timeout: float = 15.0, bad: frozenset[str] = frozenset()) -> dict[str, Sample | Waveform]:
+    """The first good value of every tag of `device`, read by its driver (missing: not read).
+    `bad`: tags known to read bad; the wait ends once each of them was read at all, and every
+    other tag good (not at the timeout: a bad tag stays out of the result, or is in it if it
+    came good, for the caller to tell)."""
     driver = create(device, DriverContext())
     got: dict[str, Sample | Waveform] = {}
+    seen: set[str] = set()
 
     async def emit(item) -> None:
         for one in item if isinstance(item, list) else [item]:
+            name = one.source.split(".", 1)[1]
+            seen.add(name)
             if isinstance(one, Waveform) or one.quality is Quality.GOOD:
-                got.setdefault(one.source.split(".", 1)[1], one)
+                got.setdefault(name, one)
+
+    def done() -> bool:
+        return bad <= seen and len(got.keys() - bad) >= len(device.tags) - len(bad)
 
     task = asyncio.create_task(driver.run(emit))
     deadline = time.monotonic() + timeout
     try:
-        while len(got) < len(device.tags) and time.monotonic() < deadline and not task.done():
+        while not done() and time.monotonic() < deadline and not task.done():
             await asyncio.sleep(0.05)
     finally:
         task.cancel()
