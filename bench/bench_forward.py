@@ -20,6 +20,8 @@ sparkplug  `values/{device}` rows made by `ExceptionReporter.offer` (devices of 
            And the storage-free drain: the same Upstream and format over the same rows read into
            memory beforehand, acks only counted, so nothing touches SQLite while it runs: the
            ceiling of the drain/raw ratio if store and forward cost nothing.
+           And the CPU (user + system) that raw paho and each drain took, in this process and
+           in Mosquitto.
            `--spb-max-metrics` sets how many metrics a DDATA holds before the next one starts
            (the gateway's is `MAX_METRICS`): fewer make more, smaller messages, which is slower
            in metrics/s but closer to raw paho, whose cost then is per message, not per byte.
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import bisect
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -374,7 +377,31 @@ async def spb_drain(buffer: Buffer, cfg, max_metrics: int) -> tuple[float, Count
     return elapsed, fmt, made[0]
 
 
-def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
+class CpuClock:
+    """CPU seconds (user + system) of this process, its threads included, and of the broker."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self.stat = Path(f"/proc/{broker_pid}/stat")
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def now(self) -> tuple[float, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            fields = self.stat.read_text().rsplit(")", 1)[1].split()
+            broker = (int(fields[11]) + int(fields[12])) / self.tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            broker = float("nan")  # not Linux: the broker's share is not shown
+        return own.ru_utime + own.ru_stime, broker
+
+    def run(self, work):
+        """work() -> (its result, (own, broker) CPU seconds it took)."""
+        a = self.now()
+        result = work()
+        b = self.now()
+        return result, (b[0] - a[0], b[1] - a[1])
+
+
+def sparkplug(args, tmp: Path, port: int, limit: TimeLimit, broker_pid: int) -> list[str]:
     work = tmp / "spb"
     work.mkdir()
     limit.phase("the Sparkplug configuration to load")
@@ -392,9 +419,10 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
     alone_s = spb_buffer_alone(buffer, work, up_cfg.name, up_cfg.batch)
     ceiling_db = copy_of(buffer, work / "ceiling.db")  # for the storage-free drain, before this one empties
     limit.phase("raw paho QoS 1 publishes of the DDATA payloads to be acknowledged")
-    raw_first = raw_publish(port, messages, args.inflight, "raw-spb")
+    clock = CpuClock(broker_pid)
+    raw_first, raw_cpu = clock.run(lambda: raw_publish(port, messages, args.inflight, "raw-spb"))
     limit.phase("the gateway upstream (Sparkplug) to drain the buffer")
-    elapsed, fmt, up = asyncio.run(spb_drain(buffer, cfg, args.spb_max_metrics))
+    (elapsed, fmt, up), drain_cpu = clock.run(lambda: asyncio.run(spb_drain(buffer, cfg, args.spb_max_metrics)))
     buffer.close()
     # Raw again, after the drain: the first run also warms the broker up, which the drain then
     # profits from. The faster of the two is the one compared with.
@@ -405,7 +433,7 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         raise RuntimeError(f"sparkplug drain: {up.published}/{args.spb_rows} rows acknowledged, {fmt.ddata} DDATA")
     limit.phase("the storage-free drain (rows from memory, acks counted) to finish")
     free = StorageFree(ceiling_db, cfg.gateway.id, up_cfg.name)
-    free_s, free_fmt, free_up = asyncio.run(spb_drain(free, cfg, args.spb_max_metrics))
+    (free_s, free_fmt, free_up), free_cpu = clock.run(lambda: asyncio.run(spb_drain(free, cfg, args.spb_max_metrics)))
     free.close()
     if free_up.published != args.spb_rows:
         raise RuntimeError(f"storage-free drain: {free_up.published}/{args.spb_rows} rows acknowledged")
@@ -434,6 +462,9 @@ def sparkplug(args, tmp: Path, port: int, limit: TimeLimit) -> list[str]:
         f"ratio drain/raw     {raw_s / elapsed:12.2f}  (raw time / drain time for the same metrics; target {SPB_TARGET})",
         f"storage-free drain  {free_fmt.ddata / free_s:12,.0f} DDATA msgs/s  (ratio {raw_s / free_s:.2f}: the same rows"
         f" fetched from memory, acks only counted: this drain's ceiling if the buffer cost nothing)",
+        f"cpu, ms             raw {raw_cpu[0] * 1e3:,.0f} + broker {raw_cpu[1] * 1e3:,.0f}; drain {drain_cpu[0] * 1e3:,.0f}"
+        f" + {drain_cpu[1] * 1e3:,.0f}; storage-free {free_cpu[0] * 1e3:,.0f} + {free_cpu[1] * 1e3:,.0f}  (user + system"
+        f" of this process, its threads included, and of Mosquitto; the drains with their connect and stop)",
     ]
 
 
@@ -479,7 +510,7 @@ def main() -> None:
                     f"ratio drain/raw     {gw / raw:12.2f}",
                 ]
             if args.only in (None, "sparkplug"):
-                spb_lines = sparkplug(args, Path(tmp), port, limit)
+                spb_lines = sparkplug(args, Path(tmp), port, limit, proc.pid)
             limit.phase("Mosquitto to stop")
         finally:
             proc.terminate()
