@@ -257,17 +257,25 @@ def copy_of(buffer: Buffer, path: Path) -> Path:
     return path
 
 
+def batches(fetch, link: str, batch: int):
+    """Every row `fetch` (a Buffer's) gives for `link`, in batches of `batch`, each after the
+    last one's seqs, as the upstream's pump reads them (a batch may be acknowledged before the
+    next is asked for)."""
+    cursor: dict[int, int] = {}
+    while rows := fetch(cursor, batch, link=link):
+        for r in rows:
+            cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
+        yield rows
+
+
 def spb_buffer_alone(buffer: Buffer, work: Path, link: str, batch: int) -> float:
     """Seconds for the buffer alone to fetch and delete every row, as the upstream does (batches
     of `batch`, each acknowledged), on a copy of the file: what store and forward costs before
     any byte goes out."""
     alone = Buffer(copy_of(buffer, work / "alone.db"), "bench")
     alone.set_links([(link, SparkplugFormat.kinds)])
-    cursor: dict[int, int] = {}
     t0 = time.perf_counter()
-    while rows := alone.fetch(cursor, batch, link=link):
-        for r in rows:
-            cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
+    for rows in batches(alone.fetch, link, batch):
         alone.ack(rows, link=link)
     elapsed = time.perf_counter() - t0
     left = alone.depth
@@ -284,15 +292,7 @@ def spb_encode(buffer: Buffer, cfg, batch: int, max_metrics: int,
     (so each pass has its DBIRTHs too). Returns the best encode time of `repeat` passes, the
     DDATA messages (topic, payload) and the metrics they carry."""
     up = cfg.upstreams[0]
-    batches = []
-    cursor: dict[int, int] = {}
-    while True:
-        rows = buffer.fetch(cursor, batch, link=up.name)
-        if not rows:
-            break
-        for r in rows:
-            cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
-        batches.append(rows)
+    fetched = list(batches(buffer.fetch, up.name, batch))
     best = float("inf")
     for _ in range(repeat):
         fmt = SparkplugFormat(up, cfg, started_at=time.time())
@@ -301,7 +301,7 @@ def spb_encode(buffer: Buffer, cfg, batch: int, max_metrics: int,
         fmt.births()
         out = []
         t0 = time.perf_counter()
-        for rows in batches:
+        for rows in fetched:
             out.extend(fmt.encode(rows, True))
         best = min(best, time.perf_counter() - t0)
     ddata = fmt.topic("DDATA")
@@ -320,10 +320,8 @@ class StorageFree(Buffer):
         super().__init__(path, gateway_id)
         self.set_links([(link, SparkplugFormat.kinds)])
         self.by_priority: dict[int, list] = {}
-        cursor: dict[int, int] = {}
-        while rows := super().fetch(cursor, 10_000, link=link):
+        for rows in batches(super().fetch, link, 10_000):
             for r in rows:
-                cursor[r.priority] = max(cursor.get(r.priority, 0), r.seq)
                 self.by_priority.setdefault(r.priority, []).append(r)
         self.seqs = {p: [r.seq for r in rows] for p, rows in self.by_priority.items()}
         self.left = sum(len(rows) for rows in self.by_priority.values())
@@ -382,7 +380,7 @@ class CpuClock:
 
     def __init__(self, broker_pid: int) -> None:
         self.stat = Path(f"/proc/{broker_pid}/stat")
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.tick = os.sysconf("SC_CLK_TCK")
 
     def now(self) -> tuple[float, float]:
         own = resource.getrusage(resource.RUSAGE_SELF)
